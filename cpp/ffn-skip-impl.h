@@ -1,0 +1,65 @@
+// ffn-skip-impl.h - internal state of ffnskip-gguf inside libllama (C++).
+//
+// One ffnskip_context per llama_context (llama_context::ffnskip, patch 0001),
+// created by the first ffnskip_set_params. It holds the policy, the
+// cumulative stats the gate ops write, and the scratch the graph hooks
+// (llm_graph_context::ffnskip_*, patch 0002/0003) use while a graph is built.
+#pragma once
+
+#include "ffn-skip.h"
+#include "ffn-skip-ggml.h"
+
+#include <string>
+#include <vector>
+
+struct llama_model;
+struct ggml_tensor;
+struct ffnskip_context;
+
+// userdata of one gate node: which layer it decides (n_layer: the tail node,
+// which only records the stats of the last layer)
+struct ffnskip_gate_ud {
+    ffnskip_context * fctx;
+    int32_t il;
+};
+
+struct ffnskip_context {
+    const llama_model * model = nullptr;
+    int32_t n_layer = 0;
+
+    ffnskip_params params;  // in effect
+    uint64_t topo = 1;      // bumped when a change alters the graph topology (mode, remove[])
+
+    bool supported = false; // arch hooked, dense-FFN layers, weights on a backend with the predicated path
+    std::string reason;     // why not, when !supported
+    bool warned = false;
+
+    ffnskip_stats stats;
+
+    // trace of the last gated ubatch (ffnskip_get_trace)
+    int32_t trace_tokens = 0;
+    std::vector<uint8_t> trace_decision; // [n_tokens * n_layer]
+    std::vector<float>   trace_cos;      // [n_tokens * n_layer]
+
+    std::vector<ffnskip_gate_ud> ud;     // [n_layer + 1]
+
+    // graph-build scratch (valid while one graph is being built)
+    struct {
+        bool active = false;               // this graph carries the hooks
+        bool adaptive = false;             // gate nodes present
+        ggml_tensor * input = nullptr;     // F32 [n_tokens, FFNSKIP_INPUT_ROWS]
+        ggml_tensor * state = nullptr;     // last gate node
+        ggml_tensor * gate_il = nullptr;   // gate of the layer being built
+        std::vector<ggml_tensor *> h;      // ffn_inp per layer
+        std::vector<ggml_tensor *> o;      // residual after the FFN per layer
+    } b;
+
+    // effective mode for graph building: OFF when unsupported
+    int32_t effective_mode() const { return supported ? params.mode : FFNSKIP_MODE_OFF; }
+};
+
+ffnskip_context * ffnskip_context_new(const llama_model * model);
+void              ffnskip_context_free(ffnskip_context * fctx);
+
+// gate op (GGML_OP_CUSTOM on the CPU backend): see ffn-skip-graph.cpp
+void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata);

@@ -1,0 +1,267 @@
+// ffn-skip.cpp - C API of ffnskip-gguf (ffn-skip.h): policy, validation,
+// per-context state, stats. The graph side lives in ffn-skip-graph.cpp.
+#include "ffn-skip-impl.h"
+
+#include "llama-context.h"
+#include "llama-model.h"
+#include "llama-impl.h"
+
+#include "ggml-backend.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <cstdarg>
+
+#ifndef FFNSKIP_LLAMA_CPP_PYTHON_VERSION
+#    error "FFNSKIP_LLAMA_CPP_PYTHON_VERSION must be defined by the build"
+#endif
+
+static void ffnskip_err(char * err, size_t err_len, const char * fmt, ...) {
+    if (err == nullptr || err_len == 0) {
+        return;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, err_len, fmt, ap);
+    va_end(ap);
+}
+
+// round half away from zero, as the Python side (policy.py) does
+static int32_t ffnskip_round(double x) {
+    return (int32_t) std::floor(x + 0.5);
+}
+
+int32_t ffnskip_api_version(void) {
+    return FFNSKIP_API_VERSION;
+}
+
+const char * ffnskip_llama_cpp_pin(void) {
+    return FFNSKIP_LLAMA_CPP_PYTHON_VERSION;
+}
+
+void ffnskip_params_default(ffnskip_params * p, int32_t n_layer) {
+    GGML_ASSERT(p != nullptr);
+    std::memset(p, 0, sizeof(*p));
+    const double L = n_layer > 0 ? n_layer : 0;
+    const int32_t cold = std::max(1, ffnskip_round(5.0 * L / 32.0)); // paper: 5 of 32 layers each side
+    p->mode         = FFNSKIP_MODE_OFF;
+    p->cold_start   = cold;
+    p->cold_end     = cold;
+    p->max_skip     = std::max(1, ffnskip_round(0.10 * L));           // DESIGN.md section 5
+    p->max_runs     = 1;
+    p->continue_run = 1;
+    p->warmup       = 32;                                            // paper: 25-30 tokens
+    for (int j = 0; j < FFNSKIP_MAX_LAYERS; ++j) {
+        p->threshold[j] = 0.95f;                                     // paper, section 4
+    }
+}
+
+int32_t ffnskip_params_validate(const ffnskip_params * p, int32_t n_layer, char * err, size_t err_len) {
+    if (p == nullptr) {
+        ffnskip_err(err, err_len, "params is NULL");
+        return -1;
+    }
+    if (n_layer < 1 || n_layer > FFNSKIP_MAX_LAYERS) {
+        ffnskip_err(err, err_len, "n_layer=%d outside [1, %d]", n_layer, FFNSKIP_MAX_LAYERS);
+        return -1;
+    }
+    if (p->mode != FFNSKIP_MODE_OFF && p->mode != FFNSKIP_MODE_ADAPTIVE && p->mode != FFNSKIP_MODE_STATIC) {
+        ffnskip_err(err, err_len, "mode=%d is not 0 (off), 1 (adaptive) or 2 (static)", p->mode);
+        return -1;
+    }
+    if (p->cold_start < 0 || p->cold_start > n_layer) {
+        ffnskip_err(err, err_len, "cold_start=%d outside [0, n_layer=%d]", p->cold_start, n_layer);
+        return -1;
+    }
+    if (p->cold_end < 0 || p->cold_end > n_layer) {
+        ffnskip_err(err, err_len, "cold_end=%d outside [0, n_layer=%d]", p->cold_end, n_layer);
+        return -1;
+    }
+    if (p->cold_start + p->cold_end > n_layer) {
+        ffnskip_err(err, err_len, "cold_start=%d + cold_end=%d exceed n_layer=%d", p->cold_start, p->cold_end, n_layer);
+        return -1;
+    }
+    if (p->max_skip < 0) {
+        ffnskip_err(err, err_len, "max_skip=%d is negative", p->max_skip);
+        return -1;
+    }
+    if (p->max_runs < 1) {
+        ffnskip_err(err, err_len, "max_runs=%d is below 1", p->max_runs);
+        return -1;
+    }
+    if (p->continue_run != 0 && p->continue_run != 1) {
+        ffnskip_err(err, err_len, "continue_run=%d is not 0 or 1", p->continue_run);
+        return -1;
+    }
+    if (p->warmup < 0) {
+        ffnskip_err(err, err_len, "warmup=%d is negative", p->warmup);
+        return -1;
+    }
+    for (int j = 0; j < n_layer; ++j) {
+        if (!std::isfinite(p->threshold[j])) {
+            ffnskip_err(err, err_len, "threshold[%d]=%f is not finite", j, (double) p->threshold[j]);
+            return -1;
+        }
+        if (p->exclude[j] > 1 || p->remove[j] > 1) {
+            ffnskip_err(err, err_len, "exclude[%d]/remove[%d] must be 0 or 1", j, j);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static bool ffnskip_arch_hooked(llm_arch arch) {
+    // the architectures whose layer loop carries the hooks (patches/0003)
+    switch (arch) {
+        case LLM_ARCH_LLAMA:
+        case LLM_ARCH_QWEN2:
+        case LLM_ARCH_QWEN3:
+        case LLM_ARCH_GEMMA3:
+            return true;
+        default:
+            return false;
+    }
+}
+
+static bool ffnskip_weight_on_cpu(const ggml_tensor * w) {
+    if (w == nullptr) {
+        return true;
+    }
+    if (w->buffer == nullptr) {
+        return false;
+    }
+    // host memory (mmap'd file, CPU buffers, pinned host buffers) is computed
+    // by the CPU backend; so are the CPU device's extra buffer types (repack)
+    if (ggml_backend_buffer_is_host(w->buffer)) {
+        return true;
+    }
+    ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(w->buffer);
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+}
+
+static void ffnskip_check_supported(ffnskip_context * fctx) {
+    const llama_model & model = *fctx->model;
+    fctx->supported = false;
+    if (!ffnskip_arch_hooked(model.arch)) {
+        fctx->reason = std::string("architecture '") + llm_arch_name(model.arch) +
+                       "' has no FFN-skip hooks (supported: llama, qwen2, qwen3, gemma3)";
+        return;
+    }
+    if (fctx->n_layer < 1 || fctx->n_layer > FFNSKIP_MAX_LAYERS) {
+        fctx->reason = "model has " + std::to_string(fctx->n_layer) + " layers, more than the " +
+                       std::to_string(FFNSKIP_MAX_LAYERS) + " supported";
+        return;
+    }
+    for (int il = 0; il < fctx->n_layer; ++il) {
+        const llama_layer & layer = model.layers[il];
+        if (layer.ffn_gate_inp != nullptr || layer.ffn_down == nullptr) {
+            fctx->reason = "layer " + std::to_string(il) + " has no dense FFN (mixture of experts is not supported)";
+            return;
+        }
+        if (!ffnskip_weight_on_cpu(layer.ffn_up) || !ffnskip_weight_on_cpu(layer.ffn_gate) ||
+            !ffnskip_weight_on_cpu(layer.ffn_down)) {
+            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.ffn_down->buffer);
+            fctx->reason = std::string("FFN weights of layer ") + std::to_string(il) + " are on backend buffer '" +
+                           ggml_backend_buft_name(buft) + "', which has no predicated FFN path yet; decoding dense";
+            return;
+        }
+    }
+    fctx->supported = true;
+    fctx->reason.clear();
+}
+
+ffnskip_context * ffnskip_context_new(const llama_model * model) {
+    ffnskip_context * fctx = new ffnskip_context();
+    fctx->model   = model;
+    fctx->n_layer = (int32_t) model->hparams.n_layer();
+    ffnskip_params_default(&fctx->params, fctx->n_layer);
+    std::memset(&fctx->stats, 0, sizeof(fctx->stats));
+    fctx->stats.n_layer = fctx->n_layer;
+    ffnskip_check_supported(fctx);
+    fctx->stats.supported = fctx->supported ? 1 : 0;
+    fctx->ud.resize(fctx->n_layer + 1);
+    for (int il = 0; il <= fctx->n_layer; ++il) {
+        fctx->ud[il] = { fctx, il };
+    }
+    return fctx;
+}
+
+void ffnskip_context_free(ffnskip_context * fctx) {
+    delete fctx;
+}
+
+static ffnskip_context * ffnskip_get(llama_context * ctx) {
+    GGML_ASSERT(ctx != nullptr);
+    if (ctx->ffnskip == nullptr) {
+        ctx->ffnskip = ffnskip_context_new(&ctx->get_model());
+    }
+    return ctx->ffnskip;
+}
+
+int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char * err, size_t err_len) {
+    if (ctx == nullptr) {
+        ffnskip_err(err, err_len, "context is NULL");
+        return -1;
+    }
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (ffnskip_params_validate(p, fctx->n_layer, err, err_len) != 0) {
+        return -1;
+    }
+    const ffnskip_params & old = fctx->params;
+    bool topo_changed = old.mode != p->mode;
+    for (int j = 0; j < fctx->n_layer && !topo_changed; ++j) {
+        topo_changed = old.remove[j] != p->remove[j];
+    }
+    fctx->params = *p;
+    if (topo_changed) {
+        fctx->topo++;
+    }
+    if (p->mode != FFNSKIP_MODE_OFF && !fctx->supported && !fctx->warned) {
+        LLAMA_LOG_WARN("ffnskip: FFN skipping is off for this context: %s\n", fctx->reason.c_str());
+        fctx->warned = true;
+    }
+    return 0;
+}
+
+int32_t ffnskip_get_params(llama_context * ctx, ffnskip_params * p) {
+    GGML_ASSERT(p != nullptr);
+    *p = ffnskip_get(ctx)->params;
+    return 0;
+}
+
+int32_t ffnskip_supported(llama_context * ctx, char * reason, size_t reason_len) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (!fctx->supported) {
+        ffnskip_err(reason, reason_len, "%s", fctx->reason.c_str());
+        return 0;
+    }
+    return 1;
+}
+
+int32_t ffnskip_get_stats(llama_context * ctx, ffnskip_stats * out) {
+    GGML_ASSERT(out != nullptr);
+    *out = ffnskip_get(ctx)->stats;
+    return 0;
+}
+
+void ffnskip_reset_stats(llama_context * ctx) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    std::memset(&fctx->stats, 0, sizeof(fctx->stats));
+    fctx->stats.n_layer   = fctx->n_layer;
+    fctx->stats.supported = fctx->supported ? 1 : 0;
+}
+
+int32_t ffnskip_get_trace(llama_context * ctx, uint8_t * decision, float * cos, int32_t max_tokens) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    const int32_t n = std::min(max_tokens, fctx->trace_tokens);
+    const size_t count = (size_t) std::max(n, 0) * (size_t) fctx->n_layer;
+    if (decision != nullptr && count > 0) {
+        std::memcpy(decision, fctx->trace_decision.data(), count);
+    }
+    if (cos != nullptr && count > 0) {
+        std::memcpy(cos, fctx->trace_cos.data(), count * sizeof(float));
+    }
+    return fctx->trace_tokens;
+}

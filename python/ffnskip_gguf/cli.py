@@ -1,0 +1,129 @@
+"""``ffnskip-gguf`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_skip_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("FFN skipping (DESIGN.md section 5; omitted values come from the file or the defaults)")
+    g.add_argument("--ffn-skip", nargs="?", const="on", default="off", choices=["on", "off", "paper", "static"],
+                   help="gate on (with the file's calibration or the defaults), off, the paper's recipe, or static removal only")
+    g.add_argument("--threshold", type=float, help="tau: cosine threshold for every middle layer")
+    g.add_argument("--cold-start", type=int, help="first layers that always run")
+    g.add_argument("--cold-end", type=int, help="last layers that always run")
+    g.add_argument("--max-skip", type=int, help="k: FFN blocks one token may skip")
+    g.add_argument("--max-runs", type=int, help="runs of skips one token may start")
+    g.add_argument("--no-continue", action="store_true", help="re-check tau on every layer of a run")
+    g.add_argument("--warmup", type=int, help="positions below this run dense")
+    g.add_argument("--exclude", type=_int_list, help="comma-separated middle layers that always run")
+    g.add_argument("--remove-layers", type=_int_list, help="comma-separated layers whose FFN is left out of the graph")
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def skip_kwargs(a: argparse.Namespace) -> dict:
+    """Llama keyword arguments for the FFN-skip options of ``a``."""
+    mode = {"on": True, "off": False, "paper": "paper", "static": "static"}[a.ffn_skip]
+    kw = {"ffn_skip": mode}
+    for opt, key in (("threshold", "ffn_skip_threshold"), ("cold_start", "ffn_skip_cold_start"),
+                     ("cold_end", "ffn_skip_cold_end"), ("max_skip", "ffn_skip_max_skip"),
+                     ("max_runs", "ffn_skip_max_runs"), ("warmup", "ffn_skip_warmup"),
+                     ("exclude", "ffn_skip_exclude"), ("remove_layers", "ffn_remove_layers")):
+        v = getattr(a, opt, None)
+        if v is not None:
+            kw[key] = v
+    if getattr(a, "no_continue", False):
+        kw["ffn_skip_continue"] = False
+    return kw
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from . import Llama
+    from .models import resolve_model
+
+    path = resolve_model(a.model)
+    llm = Llama(str(path), n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed, verbose=a.verbose, **skip_kwargs(a))
+    if a.chat:
+        stream = llm.create_chat_completion(messages=[{"role": "user", "content": a.prompt}],
+                                            max_tokens=a.max_tokens, temperature=a.temperature, stream=True)
+        pieces = (c["choices"][0]["delta"].get("content", "") for c in stream)
+    else:
+        stream = llm.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, stream=True)
+        pieces = (c["choices"][0]["text"] for c in stream)
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    if not a.chat:
+        sys.stdout.write(a.prompt)
+    for piece in pieces:
+        if t_first is None:
+            t_first = time.perf_counter()
+        n += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    t1 = time.perf_counter()
+    sys.stdout.write("\n")
+    decode_s = (t1 - t_first) if t_first is not None else 0.0
+    st = llm.ffn_skip_stats()
+    print(f"\n--- {n} chunks; prefill + first token {((t_first or t1) - t0):.3f} s; "
+          f"decode {(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0:.1f} tok/s", file=sys.stderr)
+    if llm.ffn_skip_params().enabled:
+        extra = "" if st.supported else f" (dense: {st.reason})"
+        print(f"--- FFN skip ratio {st.skip_ratio:.3f} over {st.decode_tokens} decode tokens{extra}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    ap = argparse.ArgumentParser(prog="ffnskip-gguf", description=(
+        "Faster GGUF decoding by skipping redundant FFN blocks (FFN-SkipLLM, arXiv 2404.03865)."))
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="generate text from a prompt, print tok/s and the skip ratio")
+    g.add_argument("--model", "-m", default="smollm2-135m", help="model name (see --list-models) or .gguf path")
+    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--max-tokens", "-n", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--chat", action="store_true", help="use the model's chat template")
+    g.add_argument("--n-ctx", type=int, default=2048)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--verbose", action="store_true", help="llama.cpp's own logging")
+    _add_skip_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return ap
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    from .errors import ModelFileError
+
+    try:
+        return a.func(a)
+    except (ModelFileError, ValueError) as e:
+        print(f"ffnskip-gguf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

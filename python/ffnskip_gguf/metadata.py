@@ -1,0 +1,166 @@
+"""Checks and reads GGUF model files before the native load.
+
+llama-cpp-python reduces every native load failure to "Failed to load model
+from file", so the file is checked here first, with a message that says what
+is wrong. The header and key/value section are parsed by ggml's own GGUF
+reader (the parser llama.cpp loads with) through ctypes: gguf-py's
+``GGUFReader`` parses the whole vocabulary in Python and takes 2-10 s on the
+models of DESIGN.md section 7, too slow for every ``Llama()``. Value types use
+gguf-py's ``GGUFValueType``; files are written with gguf-py (calibrate).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFValueType
+
+from . import _lib
+from .errors import ModelFileError, ModelIsDirectoryError, ModelNotFoundError
+
+GGUF_MAGIC = b"GGUF"
+_HEADER_BYTES = 24  # magic, version, tensor count, kv count
+
+_SCALAR_CTYPES = {
+    GGUFValueType.UINT8: ctypes.c_uint8,
+    GGUFValueType.INT8: ctypes.c_int8,
+    GGUFValueType.UINT16: ctypes.c_uint16,
+    GGUFValueType.INT16: ctypes.c_int16,
+    GGUFValueType.UINT32: ctypes.c_uint32,
+    GGUFValueType.INT32: ctypes.c_int32,
+    GGUFValueType.FLOAT32: ctypes.c_float,
+    GGUFValueType.BOOL: ctypes.c_bool,
+    GGUFValueType.UINT64: ctypes.c_uint64,
+    GGUFValueType.INT64: ctypes.c_int64,
+    GGUFValueType.FLOAT64: ctypes.c_double,
+}
+
+
+@dataclass
+class GGUFValue:
+    """One metadata value: its GGUF type (for arrays, ``array_type`` is the
+    element type) and the Python value (list for arrays)."""
+
+    type: GGUFValueType
+    value: Any
+    array_type: GGUFValueType | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What ``check_model_file`` learned about a GGUF file.
+
+    Attributes:
+        path: resolved file path.
+        size: file size in bytes.
+        architecture: ``general.architecture`` (e.g. ``"llama"``).
+        n_layer: ``<arch>.block_count`` (transformer layers), or 0 if absent.
+        values: the keys asked for (``prefixes`` of ``check_model_file``).
+        tensor_bytes: tensor name -> size in bytes.
+    """
+
+    path: Path
+    size: int
+    architecture: str
+    n_layer: int
+    values: dict[str, GGUFValue] = field(default_factory=dict)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def _read_value(g, kid: int) -> GGUFValue:
+    t = GGUFValueType(_lib.gguf_get_kv_type(g, kid))
+    if t == GGUFValueType.STRING:
+        raw = _lib.gguf_get_val_str(g, kid)
+        return GGUFValue(t, raw.decode("utf-8", "replace") if raw is not None else "")
+    if t == GGUFValueType.ARRAY:
+        at = GGUFValueType(_lib.gguf_get_arr_type(g, kid))
+        n = _lib.gguf_get_arr_n(g, kid)
+        if at == GGUFValueType.STRING:
+            vals = [(_lib.gguf_get_arr_str(g, kid, i) or b"").decode("utf-8", "replace") for i in range(n)]
+        elif at in _SCALAR_CTYPES:
+            ptr = _lib.gguf_get_arr_data(g, kid)
+            arr = (_SCALAR_CTYPES[at] * n).from_address(ptr) if n else []
+            vals = list(arr)
+        else:  # nested arrays: not used by llama.cpp or us
+            vals = None
+        return GGUFValue(t, vals, at)
+    ptr = _lib.gguf_get_val_data(g, kid)
+    return GGUFValue(t, _SCALAR_CTYPES[t].from_address(ptr).value)
+
+
+def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_skip.",)) -> ModelInfo:
+    """Check that ``path`` is a complete GGUF file and read its basics.
+
+    Args:
+        path: model file path.
+        prefixes: metadata keys starting with one of these are returned in
+            ``ModelInfo.values`` (default: the ``ffn_skip.`` namespace).
+
+    Returns:
+        ModelInfo.
+
+    Raises:
+        ModelNotFoundError: the path does not exist.
+        ModelIsDirectoryError: the path is a directory.
+        ModelFileError: not a GGUF file, malformed header or metadata, or
+            truncated (tensor data past the end of the file).
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model file not found: {p}")
+    if p.is_dir():
+        raise ModelIsDirectoryError(f"model path is a directory, not a GGUF file: {p}")
+    if not p.is_file():
+        raise ModelFileError(f"model path is not a regular file: {p}")
+    size = p.stat().st_size
+    try:
+        with open(p, "rb") as f:
+            head = f.read(_HEADER_BYTES)
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file {p}: {e}") from e
+    if head[:4] != GGUF_MAGIC:
+        raise ModelFileError(f"not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'): {p}")
+    if size < _HEADER_BYTES:
+        raise ModelFileError(f"truncated GGUF file ({size} bytes, the header alone needs {_HEADER_BYTES}): {p}")
+
+    g = _lib.gguf_init_from_file(os.fsencode(str(p)), _lib.gguf_init_params(True, None))
+    if not g:
+        raise ModelFileError(
+            f"malformed or truncated GGUF file (its header, metadata or tensor table cannot be parsed): {p}"
+        )
+    try:
+        values: dict[str, GGUFValue] = {}
+        arch = ""
+        n_layer = 0
+        for kid in range(_lib.gguf_get_n_kv(g)):
+            key = (_lib.gguf_get_key(g, kid) or b"").decode("utf-8", "replace")
+            if key == "general.architecture" and _lib.gguf_get_kv_type(g, kid) == GGUFValueType.STRING:
+                arch = _read_value(g, kid).value
+            if prefixes and key.startswith(prefixes):
+                values[key] = _read_value(g, kid)
+        if arch:
+            kid = _lib.gguf_find_key(g, f"{arch}.block_count".encode())
+            if kid >= 0 and _lib.gguf_get_kv_type(g, kid) in (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64):
+                n_layer = int(_read_value(g, kid).value)
+        data_offset = _lib.gguf_get_data_offset(g)
+        end = data_offset
+        tensor_bytes = {}
+        for tid in range(_lib.gguf_get_n_tensors(g)):
+            off = _lib.gguf_get_tensor_offset(g, tid)
+            nb = _lib.gguf_get_tensor_size(g, tid)
+            tensor_bytes[(_lib.gguf_get_tensor_name(g, tid) or b"").decode("utf-8", "replace")] = nb
+            end = max(end, data_offset + off + nb)
+    finally:
+        _lib.gguf_free(g)
+    if end > size:
+        raise ModelFileError(
+            f"truncated GGUF file: tensor data ends at byte {end} but the file has {size} bytes: {p}"
+        )
+    if not arch:
+        raise ModelFileError(f"GGUF file has no general.architecture key, not a model: {p}")
+    return ModelInfo(path=p.resolve(), size=size, architecture=arch, n_layer=n_layer, values=values,
+                     tensor_bytes=tensor_bytes)

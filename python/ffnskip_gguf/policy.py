@@ -1,0 +1,259 @@
+"""The FFN-skip policy: parameters, presets, defaults, validation.
+
+The parameters and their semantics are those of ``cpp/ffn-skip.h`` (the
+single source of their names) and DESIGN.md sections 3 and 5. Settings are
+resolved in three layers, later ones winning: built-in defaults, the
+``ffn_skip.*`` keys of the GGUF file (calibration), constructor /
+``set_ffn_skip`` arguments. ``ffn_skip=False`` is always dense.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from gguf import GGUFValueType
+
+from . import _lib
+from .errors import MetadataError
+
+# keyword argument -> (GGUF key, field of struct ffnskip_params)
+KEYWORDS: dict[str, tuple[str, str]] = {
+    "ffn_skip_threshold": ("ffn_skip.threshold", "threshold"),
+    "ffn_skip_cold_start": ("ffn_skip.cold_start", "cold_start"),
+    "ffn_skip_cold_end": ("ffn_skip.cold_end", "cold_end"),
+    "ffn_skip_exclude": ("ffn_skip.exclude", "exclude"),
+    "ffn_skip_max_skip": ("ffn_skip.max_skip", "max_skip"),
+    "ffn_skip_max_runs": ("ffn_skip.max_runs", "max_runs"),
+    "ffn_skip_continue": ("ffn_skip.continue_run", "continue_run"),
+    "ffn_skip_warmup": ("ffn_skip.warmup", "warmup"),
+    "ffn_remove_layers": ("ffn_skip.remove_layers", "remove"),
+}
+GGUF_KEY_VERSION = "ffn_skip.version"
+MODES = {"off": _lib.FFNSKIP_MODE_OFF, "adaptive": _lib.FFNSKIP_MODE_ADAPTIVE, "static": _lib.FFNSKIP_MODE_STATIC}
+
+
+def _round_half_up(x: float) -> int:
+    # the C side (ffnskip_params_default) rounds half away from zero too
+    return int(math.floor(x + 0.5))
+
+
+def defaults(n_layer: int) -> dict[str, Any]:
+    """Defaults without calibration for a model of ``n_layer`` layers
+    (DESIGN.md section 5; computed by the C library, ``ffnskip_params_default``)."""
+    p = _lib.ffnskip_params()
+    _lib.ffnskip_params_default(ctypes_byref(p), n_layer)
+    return {
+        "ffn_skip_threshold": round(float(p.threshold[0]), 6),  # 0.95f
+        "ffn_skip_cold_start": int(p.cold_start),
+        "ffn_skip_cold_end": int(p.cold_end),
+        "ffn_skip_exclude": [],
+        "ffn_skip_max_skip": int(p.max_skip),
+        "ffn_skip_max_runs": int(p.max_runs),
+        "ffn_skip_continue": bool(p.continue_run),
+        "ffn_skip_warmup": int(p.warmup),
+        "ffn_remove_layers": [],
+    }
+
+
+def paper_preset(n_layer: int) -> dict[str, Any]:
+    """FFN-SkipLLM's recipe (arXiv 2404.03865, section 4): tau = 0.95 on every
+    middle layer, round(5 L / 32) cold layers each side (5 of 32 on LLaMa),
+    run continuation, one run, k = round(0.25 L) (25% skip budget)."""
+    cold = max(1, _round_half_up(5 * n_layer / 32))
+    return {
+        "ffn_skip_threshold": 0.95,
+        "ffn_skip_cold_start": cold,
+        "ffn_skip_cold_end": cold,
+        "ffn_skip_exclude": [],
+        "ffn_skip_max_skip": _round_half_up(0.25 * n_layer),
+        "ffn_skip_max_runs": 1,
+        "ffn_skip_continue": True,
+    }
+
+
+def ctypes_byref(obj):
+    import ctypes
+
+    return ctypes.byref(obj)
+
+
+def parse_mode(ffn_skip: Any) -> str:
+    """Map the ``ffn_skip`` argument to a mode name.
+
+    False/None -> "off"; True, "adaptive" or "paper" -> "adaptive"; "static"
+    -> "static" (only ``ffn_remove_layers``, no gate). Raises ValueError.
+    """
+    if ffn_skip is None or ffn_skip is False:
+        return "off"
+    if ffn_skip is True:
+        return "adaptive"
+    if isinstance(ffn_skip, str) and ffn_skip in ("adaptive", "paper", "static", "off"):
+        return "adaptive" if ffn_skip == "paper" else ffn_skip
+    raise ValueError(f"ffn_skip must be True, False, 'paper' or 'static', got {ffn_skip!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def validate(name: str, value: Any, n_layer: int) -> Any:
+    """Validate one keyword's value for an ``n_layer``-layer model and return
+    it normalized (float, int, bool, list). Raises ValueError naming ``name``."""
+    if name == "ffn_skip_threshold":
+        if isinstance(value, (str, bytes)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a float or a list of {n_layer} floats, got {value!r}")
+        if isinstance(value, numbers.Real):
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+            return v
+        try:
+            vals = [float(x) for x in value]
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a float or a list of {n_layer} floats, got {value!r}") from None
+        if len(vals) != n_layer:
+            raise ValueError(f"{name} has {len(vals)} values, the model has {n_layer} layers")
+        bad = [i for i, x in enumerate(vals) if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"{name}[{bad[0]}] must be finite, got {vals[bad[0]]}")
+        return vals
+    if name in ("ffn_skip_exclude", "ffn_remove_layers"):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset, tuple)) and not hasattr(value, "__iter__"):
+            raise ValueError(f"{name} must be a list of layer indices, got {value!r}")
+        out = []
+        for x in value:
+            if not _is_int(x):
+                raise ValueError(f"{name} must hold integer layer indices, got {x!r}")
+            if not 0 <= int(x) < n_layer:
+                raise ValueError(f"{name}: layer {x} outside [0, {n_layer})")
+            out.append(int(x))
+        return sorted(set(out))
+    if name == "ffn_skip_continue":
+        if not isinstance(value, (bool, int)) or (_is_int(value) and value not in (0, 1)):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
+        return bool(value)
+    lo = {"ffn_skip_cold_start": 0, "ffn_skip_cold_end": 0, "ffn_skip_max_skip": 0,
+          "ffn_skip_max_runs": 1, "ffn_skip_warmup": 0}
+    if name in lo:
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        v = int(value)
+        if v < lo[name]:
+            raise ValueError(f"{name} must be >= {lo[name]}, got {v}")
+        if name in ("ffn_skip_cold_start", "ffn_skip_cold_end") and v > n_layer:
+            raise ValueError(f"{name}={v} is larger than the model ({n_layer} layers)")
+        if v > 2**31 - 1:
+            raise ValueError(f"{name}={v} is too large")
+        return v
+    raise ValueError(f"unknown FFN-skip setting {name!r}")
+
+
+def read_file_settings(values: Mapping[str, Any], n_layer: int) -> dict[str, Any]:
+    """Turn the ``ffn_skip.*`` GGUF values (``metadata.GGUFValue`` by key) into
+    keyword settings. Raises MetadataError naming the key on a wrong type or
+    out-of-range value (DESIGN.md section 4)."""
+    out: dict[str, Any] = {}
+    ints = (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+            GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64)
+    floats = (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64)
+    for kw, (key, _) in KEYWORDS.items():
+        gv = values.get(key)
+        if gv is None:
+            continue
+        t, v, at = gv.type, gv.value, gv.array_type
+        if kw == "ffn_skip_threshold":
+            ok = t in floats or (t == GGUFValueType.ARRAY and at in floats)
+        elif kw in ("ffn_skip_exclude", "ffn_remove_layers"):
+            ok = t == GGUFValueType.ARRAY and at in ints
+        elif kw == "ffn_skip_continue":
+            ok = t == GGUFValueType.BOOL
+        else:
+            ok = t in ints
+        if not ok:
+            shown = f"array of {at.name}" if t == GGUFValueType.ARRAY and at is not None else t.name
+            raise MetadataError(f"GGUF key {key} has type {shown}, which is not valid for {kw}")
+        try:
+            out[kw] = validate(kw, v, n_layer)
+        except ValueError as e:
+            raise MetadataError(f"GGUF key {key}: {e}") from None
+    return out
+
+
+@dataclass
+class FfnSkipSettings:
+    """The FFN-skip settings in effect for one context.
+
+    Attributes mirror the keyword arguments (without the ``ffn_skip_``
+    prefix); ``threshold`` is a float or a per-layer list. ``sources`` maps
+    each keyword to "default", "preset", "file" or "argument".
+    """
+
+    mode: str
+    n_layer: int
+    threshold: float | list[float]
+    cold_start: int
+    cold_end: int
+    exclude: list[int]
+    max_skip: int
+    max_runs: int
+    continue_run: bool
+    warmup: int
+    remove_layers: list[int]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+def resolve(mode: str, n_layer: int, file_settings: Mapping[str, Any], arguments: Mapping[str, Any],
+            preset: Mapping[str, Any] | None = None) -> FfnSkipSettings:
+    """Combine defaults < preset < file < arguments into validated settings.
+
+    Raises ValueError naming the argument when a value is invalid or the
+    combination is (cold regions larger than the model)."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer_name, layer in (("default", defaults(n_layer)), ("preset", preset or {}),
+                              ("file", file_settings), ("argument", arguments)):
+        for k, v in layer.items():
+            if v is None:
+                continue
+            merged[k] = validate(k, v, n_layer)
+            sources[k] = layer_name
+    cs, ce = merged["ffn_skip_cold_start"], merged["ffn_skip_cold_end"]
+    if cs + ce > n_layer:
+        raise ValueError(
+            f"ffn_skip_cold_start={cs} + ffn_skip_cold_end={ce} exceed the model's {n_layer} layers (cold regions overlap)"
+        )
+    return FfnSkipSettings(
+        mode=mode, n_layer=n_layer,
+        threshold=merged["ffn_skip_threshold"], cold_start=cs, cold_end=ce,
+        exclude=merged["ffn_skip_exclude"], max_skip=merged["ffn_skip_max_skip"],
+        max_runs=merged["ffn_skip_max_runs"], continue_run=merged["ffn_skip_continue"],
+        warmup=merged["ffn_skip_warmup"], remove_layers=merged["ffn_remove_layers"], sources=sources,
+    )
+
+
+def to_c(s: FfnSkipSettings) -> "_lib.ffnskip_params":
+    """Build the C struct for settings ``s`` (validated again by the library)."""
+    if s.n_layer > _lib.FFNSKIP_MAX_LAYERS:
+        raise ValueError(f"models with more than {_lib.FFNSKIP_MAX_LAYERS} layers are not supported")
+    p = _lib.ffnskip_params()
+    _lib.ffnskip_params_default(ctypes_byref(p), s.n_layer)
+    p.mode = MODES[s.mode]
+    p.cold_start, p.cold_end = s.cold_start, s.cold_end
+    p.max_skip, p.max_runs = s.max_skip, s.max_runs
+    p.continue_run = 1 if s.continue_run else 0
+    p.warmup = s.warmup
+    taus = s.threshold if isinstance(s.threshold, list) else [s.threshold] * s.n_layer
+    for j in range(s.n_layer):
+        p.threshold[j] = taus[j]
+    for j in s.exclude:
+        p.exclude[j] = 1
+    for j in s.remove_layers:
+        p.remove[j] = 1
+    return p

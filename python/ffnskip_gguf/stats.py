@@ -1,0 +1,58 @@
+"""Typed view of the per-context FFN-skip statistics (DESIGN.md sections 3, 5)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class FfnSkipStats:
+    """Cumulative FFN-skip statistics of one context.
+
+    Attributes:
+        n_layer: layers of the model (L).
+        decode_tokens: tokens that were the only token of their sequence in
+            their ubatch (warm-up included, prefill excluded).
+        skipped: FFN blocks skipped (gate or static removal) over decode tokens.
+        run: FFN blocks run over decode tokens.
+        skip_ratio: skipped / (n_layer x decode_tokens); 0.0 before any decode.
+        skipped_per_layer, run_per_layer: the same counts by layer, length L.
+        cos_mean_per_layer: mean cos(h_j, o_j) over decode tokens whose FFN j
+            ran; None where it never ran (or the gate was off).
+        supported: False when this context decodes dense; ``reason`` says why.
+    """
+
+    n_layer: int
+    decode_tokens: int
+    skipped: int
+    run: int
+    skip_ratio: float
+    skipped_per_layer: list[int]
+    run_per_layer: list[int]
+    cos_mean_per_layer: list[float | None]
+    supported: bool
+    reason: str = ""
+    mode: str = "off"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (the server's ``/ffn_skip/stats`` body)."""
+        d = asdict(self)
+        d.pop("extra", None)
+        return d
+
+
+def from_c(st, reason: str, mode: str) -> FfnSkipStats:
+    """Build FfnSkipStats from a ``_lib.ffnskip_stats`` struct."""
+    L = int(st.n_layer)
+    skipped = [int(st.skipped[j]) for j in range(L)]
+    run = [int(st.run[j]) for j in range(L)]
+    cos = [(st.cos_sum[j] / st.cos_count[j]) if st.cos_count[j] else None for j in range(L)]
+    dt = int(st.decode_tokens)
+    total_skipped = sum(skipped)
+    return FfnSkipStats(
+        n_layer=L, decode_tokens=dt, skipped=total_skipped, run=sum(run),
+        skip_ratio=(total_skipped / (L * dt)) if dt and L else 0.0,
+        skipped_per_layer=skipped, run_per_layer=run, cos_mean_per_layer=cos,
+        supported=bool(st.supported), reason=reason, mode=mode,
+    )
