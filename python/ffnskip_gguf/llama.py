@@ -99,6 +99,11 @@ class Llama(llama_cpp.Llama):
             self._ffn_settings = self._resolve(ffn_skip, n_native, self._ffn_args)
         self._ffn_apply()
 
+    def close(self) -> None:
+        """Free the native model and context (safe after a failed __init__)."""
+        if "_stack" in self.__dict__:
+            super().close()
+
     # -- FFN skip API ------------------------------------------------------
 
     def _resolve(self, ffn_skip: Any, n_layer: int, arguments: dict[str, Any]) -> policy.FfnSkipSettings:

@@ -1,0 +1,108 @@
+"""Streamed GGUF copies with gguf-py: change metadata, keep tensors.
+
+Used by calibration (write ``ffn_skip.*`` keys next to the weights) and by
+the tests (zeroed FFN weights, renamed architectures). Follows gguf-py's
+``gguf_new_metadata.py``: every key and tensor is copied in order, tensor
+data is streamed from the source's memory map, so memory stays far below
+the model size. Writes to a temporary file in the target directory and
+renames it, and refuses to overwrite its input.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+
+def copy_gguf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    set_kv: Mapping[str, tuple[Any, GGUFValueType, GGUFValueType | None]] | None = None,
+    remove_prefixes: tuple[str, ...] = (),
+    rename_arch: str | None = None,
+    tensor_data: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Copy ``src`` to ``dst`` with metadata changes.
+
+    Args:
+        src, dst: GGUF paths; ``dst`` must differ from ``src``.
+        set_kv: key -> (value, type, array element type or None); added or replaced.
+            Empty arrays are not valid GGUF: omit such keys instead.
+        remove_prefixes: keys starting with one of these are dropped.
+        rename_arch: new ``general.architecture``; ``<old>.*`` keys are renamed.
+        tensor_data: optional (name, raw data) -> raw data of the same byte size
+            (tests: zeroed weights).
+        progress: show a tqdm bar over tensor bytes.
+
+    Returns: ``dst`` as a Path.
+    Raises: ValueError when ``dst`` is ``src`` or a value is an empty array.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"refusing to overwrite the input file {src}")
+    set_kv = dict(set_kv or {})
+    for k, (v, t, _) in set_kv.items():
+        if t == GGUFValueType.ARRAY and len(v) == 0:
+            raise ValueError(f"{k}: empty arrays are not valid GGUF; omit the key")
+    reader = GGUFReader(src, "r")
+    old_arch = reader.fields["general.architecture"].contents()
+    arch = rename_arch or old_arch
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+        align = reader.fields.get("general.alignment")
+        if align is not None:
+            writer.data_alignment = int(align.contents())
+        for field in reader.fields.values():
+            name = field.name
+            if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):
+                continue
+            if name in set_kv or (remove_prefixes and name.startswith(remove_prefixes)):
+                continue
+            if rename_arch and name.startswith(old_arch + "."):
+                name = arch + name[len(old_arch):]
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+        for k, (v, t, sub) in set_kv.items():
+            writer.add_key_value(k, v, t, sub_type=sub)
+        total = 0
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+            total += int(t.n_bytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {dst.name}")
+        for t in reader.tensors:
+            data = t.data
+            if tensor_data is not None:
+                new = tensor_data(t.name, data)
+                if new is not data:
+                    if new.nbytes != data.nbytes:
+                        raise ValueError(f"tensor {t.name}: replacement has {new.nbytes} bytes, expected {data.nbytes}")
+                    data = new
+            writer.write_tensor_data(data)
+            if bar:
+                bar.update(int(t.n_bytes))
+        writer.close()
+        if bar:
+            bar.close()
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dst

@@ -1,0 +1,313 @@
+"""The FFN gate in the graph on the CPU backend (DESIGN.md section 3, issue 3):
+exact semantics against a Python oracle, forced skips against zeroed
+weights, bit-exact dense paths, batch independence, adaptivity, stats,
+graph reuse, validation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from ffnskip_gguf import Llama, policy
+from ffnskip_gguf.gguf_io import copy_gguf
+
+from _lowlevel import Runner
+from _oracle import CallbackOracle
+
+PROSE = "The history of the printing press begins in the fifteenth century, when"
+N_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    r = Runner(smollm2_path, n_seq_max=4)
+    yield r
+    r.close()
+
+
+def _gate_vs_oracle(path: str, arch: str, warmup: int = 4):
+    g = Runner(path)
+    s = g.set_policy(True, preset=policy.paper_preset(g.n_layer), ffn_skip_warmup=warmup)
+    prompt = g.tokenize(PROSE)
+    toks, logits, traces = g.greedy(prompt, N_NEW)
+    o = CallbackOracle(path, arch)
+    o.set_settings(s)
+    otoks, ologits, odec, ocos = o.greedy(prompt, N_NEW)
+    gdec = np.array([tr[0][0] for tr in traces]) != 0
+    gcos = np.array([tr[1][0] for tr in traces])
+    g.close()
+    o.runner.close()
+    return s, (toks, logits, gdec, gcos), (otoks, ologits, odec, ocos)
+
+
+def _first_disagreement_is_at_threshold(s, gdec, odec, ocos):
+    """Decisions may differ only where the deciding cosine is within 1e-5 of tau."""
+    taus = s.threshold if isinstance(s.threshold, list) else [s.threshold] * gdec.shape[1]
+    for t in range(gdec.shape[0]):
+        diff = np.nonzero(gdec[t] != odec[t])[0]
+        if len(diff):
+            j = diff[0]
+            ran = [i for i in range(j) if not odec[t][i]]
+            c = ocos[t][ran[-1]] if ran else math.nan
+            return abs(c - taus[j]) < 1e-5
+    return True
+
+
+@pytest.mark.parametrize("model,arch", [("smollm2_path", "llama"), ("qwen_path", "qwen2"), ("gemma_path", "gemma3")])
+def test_gate_matches_the_callback_oracle(request, model, arch):
+    path = request.getfixturevalue(model)
+    s, (toks, logits, gdec, gcos), (otoks, ologits, odec, ocos) = _gate_vs_oracle(path, arch)
+    assert gdec.any(), "the paper preset should skip something"
+    if np.array_equal(gdec, odec):
+        assert toks == otoks
+        assert np.array_equal(logits.view(np.uint32), ologits.view(np.uint32))
+        m = ~np.isnan(gcos)
+        assert np.array_equal(m, ~np.isnan(ocos))
+        assert np.max(np.abs(gcos[m] - ocos[m])) < 1e-5
+    else:
+        assert _first_disagreement_is_at_threshold(s, gdec, odec, ocos)
+
+
+def _zeroed_down_copy(src, dst, layers):
+    names = {f"blk.{j}.ffn_down.weight" for j in layers}
+    return copy_gguf(src, dst, tensor_data=lambda n, d: np.zeros_like(d) if n in names else d)
+
+
+def _decode_one_by_one(r: Runner, tokens):
+    r.clear()
+    return np.concatenate([r.decode([(t, i, 0, True)]) for i, t in enumerate(tokens)])
+
+
+def test_forced_skip_equals_zeroed_ffn_down(smollm2_path, tmp_path):
+    L = 30
+    forced = list(range(6, 24, 2))  # every other middle layer
+    zeroed = Runner(str(_zeroed_down_copy(smollm2_path, tmp_path / "zeroed.gguf", forced)))
+    zeroed.set_policy(False)
+    g = Runner(smollm2_path)
+    g.set_policy(True, ffn_skip_cold_start=0, ffn_skip_cold_end=0, ffn_skip_threshold=-2.0,
+                 ffn_skip_exclude=[j for j in range(L) if j not in forced], ffn_skip_max_skip=L,
+                 ffn_skip_max_runs=L, ffn_skip_continue=False, ffn_skip_warmup=0)
+    tokens = g.tokenize(PROSE)
+    a = _decode_one_by_one(g, tokens)
+    b = _decode_one_by_one(zeroed, tokens)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    dec, _ = g.trace()
+    assert sorted(np.nonzero(dec[0] == 1)[0].tolist()) == forced
+    st = g.stats()
+    assert st.skipped_per_layer == [len(tokens) if j in forced else 0 for j in range(L)]
+
+
+def test_static_removal_equals_zeroed_ffn_down(smollm2_path, tmp_path):
+    removed = [8, 9, 15, 20]
+    zeroed = Runner(str(_zeroed_down_copy(smollm2_path, tmp_path / "zeroed2.gguf", removed)))
+    zeroed.set_policy(False)
+    for mode in ("static", True):
+        g = Runner(smollm2_path)
+        g.set_policy(mode, ffn_remove_layers=removed, ffn_skip_threshold=2.0)
+        tokens = g.tokenize(PROSE)
+        # a prefill batch: removal applies to every token
+        g.clear()
+        zeroed.clear()
+        a = g.decode([(t, i, 0, True) for i, t in enumerate(tokens)])
+        b = zeroed.decode([(t, i, 0, True) for i, t in enumerate(tokens)])
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+        g.decode([(int(np.argmax(a[-1])), len(tokens), 0, True)])
+        st = g.stats()
+        assert st.decode_tokens == 1
+        assert st.skipped_per_layer == [1 if j in removed else 0 for j in range(30)]
+        g.close()
+
+
+def test_never_firing_threshold_is_bit_identical_to_dense(smollm2):
+    prompt = smollm2.tokenize(PROSE)
+    smollm2.set_policy(False)
+    t0, l0, _ = smollm2.greedy(prompt, 16)
+    smollm2.set_policy(True, ffn_skip_threshold=1.5, ffn_skip_warmup=0)
+    t1, l1, tr = smollm2.greedy(prompt, 16)
+    assert t0 == t1
+    assert np.array_equal(l0.view(np.uint32), l1.view(np.uint32))
+    assert all((d[0] == 0).all() for d, _ in tr)
+
+
+def _batched_run(r: Runner, prompts, steps, policy_kw, forced_tokens=None):
+    """Prefill each sequence, then decode one token per sequence per step in
+    one ubatch. Returns per-sequence decisions and logits per step."""
+    r.set_policy(**policy_kw)
+    r.clear()
+    pos = []
+    last = []
+    for s, p in enumerate(prompts):
+        lg = r.decode([(t, i, s, i == len(p) - 1) for i, t in enumerate(p)])
+        pos.append(len(p))
+        last.append(lg[-1])
+    decisions = [[] for _ in prompts]
+    logits = [[] for _ in prompts]
+    for step in range(steps):
+        items = []
+        for s in range(len(prompts)):
+            tok = forced_tokens[s][step] if forced_tokens else int(np.argmax(last[s]))
+            items.append((tok, pos[s], s, True))
+            pos[s] += 1
+        lg = r.decode(items)
+        dec, _ = r.trace()
+        for s in range(len(prompts)):
+            decisions[s].append(dec[s])
+            logits[s].append(lg[s])
+            last[s] = lg[s]
+    return np.array(decisions), np.array(logits)
+
+
+PROMPTS = ["The history of the printing press begins", "def fibonacci(n):\n    ", "Water boils at 100 degrees"]
+
+
+def test_batched_decisions_do_not_depend_on_the_rest_of_the_ubatch(smollm2):
+    kw = dict(ffn_skip=True, ffn_skip_warmup=4, ffn_skip_threshold=0.965, ffn_skip_max_skip=8)
+    prompts = [smollm2.tokenize(p) for p in PROMPTS]
+    alone = []
+    toks = []
+    for p in prompts:
+        smollm2.set_policy(**kw)
+        t, _, tr = smollm2.greedy(p, 12)
+        alone.append(np.array([d[0] for d, _ in tr]))
+        toks.append(t[len(p):])
+    together, _ = _batched_run(smollm2, prompts, 12, kw, forced_tokens=toks)
+    skipped_any = False
+    for s in range(len(prompts)):
+        assert np.array_equal(together[s] != 0, alone[s] != 0), f"sequence {s}"
+        skipped_any = skipped_any or (alone[s] == 1).any()
+    assert skipped_any
+
+
+def test_batched_never_firing_is_bit_identical_to_dense(smollm2):
+    prompts = [smollm2.tokenize(p) for p in PROMPTS]
+    _, dense = _batched_run(smollm2, prompts, 6, dict(ffn_skip=False))
+    _, gated = _batched_run(smollm2, prompts, 6, dict(ffn_skip=True, ffn_skip_threshold=1.5, ffn_skip_warmup=0))
+    assert np.array_equal(dense.view(np.uint32), gated.view(np.uint32))
+
+
+@pytest.mark.parametrize("model", ["smollm2_path", "qwen_path"])
+def test_paper_preset_is_input_adaptive(request, model):
+    path = request.getfixturevalue(model)
+    r = Runner(path)
+    r.set_policy(True, preset=policy.paper_preset(r.n_layer), ffn_skip_warmup=4)
+    prompt = r.tokenize(PROSE + " the craft of bookmaking changed. Meanwhile, in the kitchen, the soup")
+    r.greedy(prompt, 48)
+    st = r.stats()
+    frac = [st.skipped_per_layer[j] / st.decode_tokens for j in range(r.n_layer)]
+    strictly_between = [f for f in frac if 0.0 < f < 1.0]
+    assert len(strictly_between) >= 2, frac
+    assert len(set(round(f, 6) for f in frac)) >= 3, frac
+    r.close()
+
+
+def test_stats_are_consistent(smollm2):
+    smollm2.set_policy(True, preset=policy.paper_preset(30), ffn_skip_warmup=8)
+    from ffnskip_gguf import _lib
+
+    _lib.ffnskip_reset_stats(smollm2.ctx)
+    prompt = smollm2.tokenize(PROSE)
+    smollm2.greedy(prompt, 20)
+    st = smollm2.stats()
+    assert st.decode_tokens == 20  # prefill excluded, warm-up decode tokens included
+    assert st.skipped + st.run == 30 * st.decode_tokens
+    for j in range(30):
+        assert st.skipped_per_layer[j] + st.run_per_layer[j] == st.decode_tokens
+    assert st.skip_ratio == pytest.approx(st.skipped / (30 * 20))
+    # positions < warmup (8) run dense: prompt is longer than 8 here, so every decode token is gated
+    assert st.skipped > 0
+    # cold layers never skip
+    assert all(st.skipped_per_layer[j] == 0 for j in list(range(5)) + list(range(25, 30)))
+    # cosine means exist exactly where the FFN ran
+    for j in range(30):
+        assert (st.cos_mean_per_layer[j] is None) == (st.run_per_layer[j] == 0)
+
+
+def test_warmup_counts_positions(smollm2):
+    smollm2.set_policy(True, ffn_skip_threshold=-2.0, ffn_skip_warmup=10, ffn_skip_max_skip=5)
+    from ffnskip_gguf import _lib
+
+    _lib.ffnskip_reset_stats(smollm2.ctx)
+    smollm2.clear()
+    toks = smollm2.tokenize(PROSE)[:12]
+    for i, t in enumerate(toks):  # every token a decode token, positions 0..11
+        smollm2.decode([(t, i, 0, True)])
+    st = smollm2.stats()
+    assert st.decode_tokens == 12
+    assert st.skipped == 2 * 5  # only positions 10 and 11 are gated, k = 5 each
+
+
+def test_graph_is_reused_while_skipping(smollm2):
+    # continuation off and a tau near the cosines: decisions vary from token to token
+    smollm2.set_policy(True, ffn_skip_threshold=0.97, ffn_skip_continue=False, ffn_skip_max_runs=30,
+                       ffn_skip_max_skip=10, ffn_skip_warmup=0)
+    prompt = smollm2.tokenize(PROSE)
+    smollm2.greedy(prompt, 4)  # first graphs built
+    before = smollm2.n_reused()
+    _, _, tr = smollm2.greedy(prompt, 24)
+    after = smollm2.n_reused()
+    decisions = {tuple(d[0]) for d, _ in tr}
+    assert len(decisions) > 1  # decisions changed between tokens ...
+    assert after - before >= 23  # ... and the decode graph was still reused
+
+
+def test_unsupported_architecture_warns_and_decodes_dense(smollm2_path, tmp_path):
+    p = copy_gguf(smollm2_path, tmp_path / "smollm3.gguf", rename_arch="smollm3")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        llm = Llama(str(p), n_ctx=256, verbose=False, ffn_skip=True, ffn_skip_warmup=0)
+    msgs = [str(x.message) for x in w if "decoding dense" in str(x.message)]
+    assert len(msgs) == 1 and "smollm3" in msgs[0]
+    llm("The capital of France is", max_tokens=4, temperature=0)
+    st = llm.ffn_skip_stats()
+    assert not st.supported and "smollm3" in st.reason
+    assert st.skipped == 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(ffn_skip_threshold=float("nan")), "ffn_skip_threshold"),
+    (dict(ffn_skip_threshold=float("inf")), "ffn_skip_threshold"),
+    (dict(ffn_skip_threshold=[0.9] * 29), "ffn_skip_threshold"),
+    (dict(ffn_skip_max_skip=-1), "ffn_skip_max_skip"),
+    (dict(ffn_skip_cold_start=20, ffn_skip_cold_end=20), "cold"),
+    (dict(ffn_skip_cold_start=31), "ffn_skip_cold_start"),
+    (dict(ffn_skip_cold_end=-1), "ffn_skip_cold_end"),
+    (dict(ffn_skip_warmup=-1), "ffn_skip_warmup"),
+    (dict(ffn_skip_max_runs=0), "ffn_skip_max_runs"),
+    (dict(ffn_skip_exclude=[30]), "ffn_skip_exclude"),
+    (dict(ffn_remove_layers=[-1]), "ffn_remove_layers"),
+    (dict(ffn_skip_max_skip=2.5), "ffn_skip_max_skip"),
+    (dict(ffn_skip="sometimes"), "ffn_skip"),
+])
+def test_invalid_settings_raise_value_error_naming_the_argument(smollm2_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        Llama(smollm2_path, n_ctx=64, verbose=False, **{"ffn_skip": True, **kw})
+
+
+def test_invalid_set_ffn_skip_changes_nothing(smollm2_path):
+    llm = Llama(smollm2_path, n_ctx=64, verbose=False, ffn_skip=True, ffn_skip_max_skip=4)
+    with pytest.raises(ValueError, match="ffn_skip_threshold"):
+        llm.set_ffn_skip(ffn_skip_threshold=float("nan"))
+    p = llm.ffn_skip_params()
+    assert p.max_skip == 4 and p.threshold == pytest.approx(0.95) and p.sources["ffn_skip_max_skip"] == "argument"
+
+
+def test_params_report_their_source(smollm2_path):
+    llm = Llama(smollm2_path, n_ctx=64, verbose=False, ffn_skip="paper", ffn_skip_warmup=8)
+    p = llm.ffn_skip_params()
+    assert p.sources["ffn_skip_warmup"] == "argument"
+    assert p.sources["ffn_skip_max_skip"] == "preset" and p.max_skip == 8  # round(0.25 * 30)
+    assert p.sources["ffn_remove_layers"] == "default"
+
+
+def test_llama_reset_keeps_stats_and_reset_clears_them(smollm2_path):
+    llm = Llama(smollm2_path, n_ctx=256, verbose=False, ffn_skip=True, ffn_skip_warmup=0, seed=0)
+    llm("Once upon a time", max_tokens=6, temperature=0)
+    n = llm.ffn_skip_stats().decode_tokens
+    assert n >= 5
+    llm.reset()
+    assert llm.ffn_skip_stats().decode_tokens == n
+    llm.reset_ffn_skip_stats()
+    assert llm.ffn_skip_stats().decode_tokens == 0
