@@ -17,11 +17,11 @@ def test_completion(llm):
 
 
 def test_chat_completion(llm):
-    out = llm.create_chat_completion(messages=[{"role": "user", "content": "Name the largest planet in the solar system."}],
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": "What color is the sky on a clear day?"}],
                                      max_tokens=32, temperature=0)
     msg = out["choices"][0]["message"]
     assert msg["role"] == "assistant"
-    assert "Jupiter" in msg["content"]
+    assert "blue" in msg["content"]
 
 
 def test_streaming_equals_non_streaming(llm):
