@@ -179,7 +179,8 @@ void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                     f->trace_decision[(size_t) t * L + jp] = (uint8_t) sk;
                 }
             }
-            if (sk == 0.0f) {
+            if (sk == 0.0f && is_decode) {
+                // (prefill tokens never gate: no cosine needed)
                 // row of token t in h/o: all tokens, or (last layer) output tokens only
                 int64_t r = -1;
                 if (h->ne[1] == n) {

@@ -311,3 +311,48 @@ def test_llama_reset_keeps_stats_and_reset_clears_them(smollm2_path):
     assert llm.ffn_skip_stats().decode_tokens == n
     llm.reset_ffn_skip_stats()
     assert llm.ffn_skip_stats().decode_tokens == 0
+
+
+def _float_ffn_copy(src, dst, zero_down_layers=()):
+    """SmolLM2 with FFN weights dequantized: F16 in even layers, F32 in odd ones."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    zero = {f"blk.{j}.ffn_down.weight" for j in zero_down_layers}
+
+    def conv(t):
+        parts = t.name.split(".")
+        if len(parts) < 3 or parts[2] not in ("ffn_up", "ffn_gate", "ffn_down"):
+            return None
+        f = dequantize(t.data, t.tensor_type)
+        if t.name in zero:
+            f = np.zeros_like(f)
+        if int(parts[1]) % 2 == 0:
+            return f.astype(np.float16), GGMLQuantizationType.F16
+        return f.astype(np.float32), GGMLQuantizationType.F32
+
+    return copy_gguf(src, dst, tensor_convert=conv)
+
+
+def test_f16_and_f32_ffn_weights_skip_exactly(smollm2_path, tmp_path):
+    L = 30
+    forced = [9, 12, 15, 18]  # F32, F16, F32, F16
+    fp = _float_ffn_copy(smollm2_path, tmp_path / "float.gguf")
+    zp = _float_ffn_copy(smollm2_path, tmp_path / "float-zeroed.gguf", forced)
+    g = Runner(str(fp))
+    z = Runner(str(zp))
+    z.set_policy(False)
+    tokens = g.tokenize(PROSE)[:12]
+    g.set_policy(False)
+    dense = _decode_one_by_one(g, tokens)
+    g.set_policy(True, ffn_skip_threshold=2.0, ffn_skip_warmup=0)
+    assert np.array_equal(_decode_one_by_one(g, tokens).view(np.uint32), dense.view(np.uint32))
+    g.set_policy(True, ffn_skip_cold_start=0, ffn_skip_cold_end=0, ffn_skip_threshold=-2.0,
+                 ffn_skip_exclude=[j for j in range(L) if j not in forced], ffn_skip_max_skip=L,
+                 ffn_skip_max_runs=L, ffn_skip_continue=False, ffn_skip_warmup=0)
+    a = _decode_one_by_one(g, tokens)
+    b = _decode_one_by_one(z, tokens)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert not np.array_equal(a.view(np.uint32), dense.view(np.uint32))
+    g.close()
+    z.close()

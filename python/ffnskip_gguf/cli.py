@@ -108,7 +108,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-_EXTRA_COMMANDS: list = []
+def cmd_bench(a: argparse.Namespace) -> int:
+    import json
+
+    from .bench import format_table, run_bench
+    from .models import resolve_model
+
+    path = resolve_model(a.model)
+    targets = tuple(float(x) for x in a.targets.split(","))
+    res = run_bench(path, targets=targets, repeats=a.repeats, n_prompt=a.n_prompt, n_decode=a.n_decode,
+                    n_prefill=a.n_prefill, n_threads=a.threads)
+    print(format_table(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+def _register_bench(sub) -> None:
+    b = sub.add_parser("bench", help="decode tok/s: dense vs FFN skipping vs static removal (ratios)")
+    b.add_argument("--model", "-m", default="smollm2-135m")
+    b.add_argument("--targets", default="0.10,0.25,0.50", help="target skip ratios (comma-separated)")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--n-prompt", type=int, default=64)
+    b.add_argument("--n-decode", type=int, default=64)
+    b.add_argument("--n-prefill", type=int, default=256)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", help="write the raw results here")
+    b.set_defaults(func=cmd_bench)
+
+
+_EXTRA_COMMANDS: list = [_register_bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ def copy_gguf(
     remove_prefixes: tuple[str, ...] = (),
     rename_arch: str | None = None,
     tensor_data: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    tensor_convert: Callable[[Any], tuple[np.ndarray, Any] | None] | None = None,
     progress: bool = False,
 ) -> Path:
     """Copy ``src`` to ``dst`` with metadata changes.
@@ -39,6 +40,9 @@ def copy_gguf(
         rename_arch: new ``general.architecture``; ``<old>.*`` keys are renamed.
         tensor_data: optional (name, raw data) -> raw data of the same byte size
             (tests: zeroed weights).
+        tensor_convert: optional (gguf ReaderTensor) -> (new data, GGMLQuantizationType)
+            or None to keep it: changes a tensor's type (tests: F16/F32 FFN weights).
+            Loads the converted tensors in memory.
         progress: show a tqdm bar over tensor bytes.
 
     Returns: ``dst`` as a Path.
@@ -76,8 +80,15 @@ def copy_gguf(
         for k, (v, t, sub) in set_kv.items():
             writer.add_key_value(k, v, t, sub_type=sub)
         total = 0
+        converted = {}
         for t in reader.tensors:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+            conv = tensor_convert(t) if tensor_convert is not None else None
+            if conv is not None:
+                arr, qtype = conv
+                converted[t.name] = arr
+                writer.add_tensor_info(t.name, arr.shape, arr.dtype, arr.nbytes, qtype)
+            else:
+                writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
             total += int(t.n_bytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -88,7 +99,7 @@ def copy_gguf(
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {dst.name}")
         for t in reader.tensors:
-            data = t.data
+            data = converted.get(t.name, t.data)
             if tensor_data is not None:
                 new = tensor_data(t.name, data)
                 if new is not data:
