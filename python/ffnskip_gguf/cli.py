@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _add_skip_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +139,58 @@ def _register_bench(sub) -> None:
     b.set_defaults(func=cmd_bench)
 
 
-_EXTRA_COMMANDS: list = [_register_bench]
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import default_prompts, default_qa, evaluate, format_table
+    from .metadata import check_model_file
+    from .models import cache_dir, resolve_model
+    from . import policy as _policy
+
+    path = resolve_model(a.model)
+    info = check_model_file(path)
+    file_settings = _policy.read_file_settings(info.values, info.n_layer)
+    specs = [s for s in a.configs.split(";") if s.strip()] if a.configs else None
+    corpus = None
+    if a.corpus:
+        corpus = [open(f, encoding="utf-8").read() for f in a.corpus]
+    qa = default_qa()
+    prompts = default_prompts()
+    kw = dict(chunk=a.chunk, n_seq=a.n_seq, max_tokens=a.max_tokens, n_threads=a.threads)
+    if a.quick:
+        specs = specs or ["paper@0.25"]
+        qa = qa[::5]
+        prompts = prompts[:4]
+        kw.update(max_tokens=a.max_tokens or 1024, gen_tokens=48, qa_tokens=16)
+    if specs is None:
+        specs = ["paper@0.125", "paper@0.25"] + (["file"] if file_settings else [])
+    out = a.out or f"eval-{Path(path).stem}"
+    results = evaluate(path, specs, out_dir=out, baselines=not a.no_baselines,
+                       cache_dir=None if a.no_cache else cache_dir().parent / "eval",
+                       file_settings=file_settings, corpus=corpus, qa=None if a.no_qa else qa,
+                       prompts=prompts, **kw)
+    print(format_table(results))
+    print(f"\nwritten: {out}/results.json, results.md, quality_vs_skip.png")
+    return 0
+
+
+def _register_eval(sub) -> None:
+    e = sub.add_parser("eval", help="quality vs skip ratio: perplexity, greedy agreement, QA; with baselines")
+    e.add_argument("model", help="model name or .gguf path")
+    e.add_argument("--configs", help="';'-separated: dense, paper@R, file, gate:threshold=..,k=..,cold=..,exclude=a+b, "
+                   "random@R, static@R, shortgpt@R (default: paper@0.125;paper@0.25 [+file])")
+    e.add_argument("--out", help="output directory (default eval-<model>)")
+    e.add_argument("--corpus", nargs="+", help="text files instead of the shipped corpus")
+    e.add_argument("--max-tokens", type=int, help="corpus tokens to use (default: all)")
+    e.add_argument("--chunk", type=int, default=256, help="tokens per perplexity chunk")
+    e.add_argument("--n-seq", type=int, default=16, help="sequences decoded in parallel")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--quick", action="store_true", help="a first look in under 2 minutes on SmolLM2")
+    e.add_argument("--no-baselines", action="store_true")
+    e.add_argument("--no-qa", action="store_true")
+    e.add_argument("--no-cache", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+
+_EXTRA_COMMANDS: list = [_register_bench, _register_eval]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,7 @@ class Runner:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_seq_max = n_seq_max
+        self.n_batch = n_batch
 
     def close(self):
         if self.ctx:
@@ -70,11 +71,41 @@ class Runner:
     def __del__(self):
         self.close()
 
-    def tokenize(self, text: str, bos: bool = True) -> list[int]:
-        buf = (llama_cpp.llama_token * (len(text) + 16))()
-        n = llama_cpp.llama_tokenize(self.vocab, text.encode(), len(text.encode()), buf, len(buf), bos, False)
-        assert n >= 0
+    def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text`` (``bos``: prepend BOS; ``special``: parse special tokens)."""
+        raw = text.encode()
+        buf = (llama_cpp.llama_token * (len(raw) + 16))()
+        n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos, special)
+        if n < 0:
+            raise ValueError("tokenization failed")
         return list(buf[:n])
+
+    def token_text(self, tok: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    def detokenize(self, toks: list[int]) -> str:
+        out = b""
+        buf = ctypes.create_string_buffer(256)
+        for t in toks:
+            n = llama_cpp.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
+            out += buf.raw[: max(n, 0)]
+        return out.decode("utf-8", "replace")
+
+    def is_eog(self, tok: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, tok))
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value of the loaded model as a string, or None."""
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
 
     def set_policy(self, ffn_skip=True, preset=None, file_settings=None, **kw) -> policy.FfnSkipSettings:
         """Apply FFN-skip settings (keywords as for Llama). Returns them resolved."""
@@ -95,15 +126,30 @@ class Runner:
         _lib.ffnskip_reset_stats(self.ctx)
 
     def clear(self):
+        """Forget every sequence (KV cache)."""
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
-        """items: (token, pos, seq_id, want_logits). Returns logits rows of
-        the items that asked for them, in order, as float32 [n, n_vocab]."""
+        """Decode ``items`` = (token, pos, seq_id, want_logits), in order, in
+        batches of at most n_batch tokens. Returns the logits rows of the
+        items that asked for them, in order, as float32 [n, n_vocab].
+
+        Raises ValueError for a bad sequence id, RuntimeError when llama_decode fails.
+        """
+        rows = []
+        for start in range(0, len(items), self.n_batch):
+            rows.extend(self._decode_batch(items[start:start + self.n_batch]))
+        if not rows:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        return np.stack(rows)
+
+    def _decode_batch(self, items):
         n = len(items)
         batch = llama_cpp.llama_batch_init(n, 0, 1)
         try:
             for i, (tok, pos, seq, out) in enumerate(items):
+                if not 0 <= seq < self.n_seq_max:
+                    raise ValueError(f"sequence id {seq} outside [0, {self.n_seq_max})")
                 batch.token[i] = tok
                 batch.pos[i] = pos
                 batch.n_seq_id[i] = 1
@@ -120,7 +166,7 @@ class Runner:
             if out:
                 ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
                 rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-        return np.array(rows, dtype=np.float32)
+        return rows
 
     def trace(self):
         n = _lib.ffnskip_get_trace(self.ctx, None, None, 0)
