@@ -35,12 +35,14 @@ enum ffnskip_input_row {
     FFNSKIP_INPUT_ROWS = 2,
 };
 
-#define FFNSKIP_MUL_MAT_MAGIC 0x50534646 /* "FFSP" */
+#define FFNSKIP_MUL_MAT_MAGIC      0x50534646 /* "FFSP": skipped -> writes zeros (FFN down) */
+#define FFNSKIP_MUL_MAT_MAGIC_NOOP 0x4e534646 /* "FFSN": skipped -> nothing (FFN up/gate: read only by the skipped down) */
 #define FFNSKIP_OP_PARAM_SLOT (GGML_MAX_OP_PARAMS / (int) sizeof(int32_t) - 1)
 
 static inline int ffnskip_mul_mat_is_predicated(const struct ggml_tensor * dst) {
     return dst->op == GGML_OP_MUL_MAT && dst->src[2] != NULL &&
-           dst->op_params[FFNSKIP_OP_PARAM_SLOT] == FFNSKIP_MUL_MAT_MAGIC;
+           (dst->op_params[FFNSKIP_OP_PARAM_SLOT] == FFNSKIP_MUL_MAT_MAGIC ||
+            dst->op_params[FFNSKIP_OP_PARAM_SLOT] == FFNSKIP_MUL_MAT_MAGIC_NOOP);
 }
 
 // 1 when every token of the gate state skips this layer.
@@ -55,6 +57,16 @@ static inline int ffnskip_all_skip(const struct ggml_tensor * state) {
         }
     }
     return 1;
+}
+
+// CPU backend graph loop: 1 when node is an FFN up/gate matmul whose tokens
+// all skip. Its output is read only by the GLU feeding the skipped down
+// projection, so every thread (all read the same gate state, written before
+// an earlier barrier) skips the node and its barrier.
+static inline int ffnskip_cpu_node_is_noop(const struct ggml_tensor * node) {
+    return node->op == GGML_OP_MUL_MAT && node->src[2] != NULL &&
+           node->op_params[FFNSKIP_OP_PARAM_SLOT] == FFNSKIP_MUL_MAT_MAGIC_NOOP &&
+           ffnskip_all_skip(node->src[2]);
 }
 
 // CPU backend: called by every thread before any other mul_mat path (incl.

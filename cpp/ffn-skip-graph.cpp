@@ -29,7 +29,8 @@
 // per-ubatch graph input: token modes (prefill / warm-up / gated) and output rows
 class llm_graph_input_ffnskip : public llm_graph_input_i {
 public:
-    llm_graph_input_ffnskip(ffnskip_context * fctx, int32_t mode) : fctx(fctx), mode(mode) {}
+    llm_graph_input_ffnskip(ffnskip_context * fctx, int32_t mode, int32_t g_lo, int32_t g_hi)
+        : fctx(fctx), mode(mode), g_lo(g_lo), g_hi(g_hi) {}
     virtual ~llm_graph_input_ffnskip() = default;
 
     void set_input(const llama_ubatch * ubatch) override;
@@ -41,6 +42,7 @@ public:
 
     ffnskip_context * fctx;
     const int32_t mode;          // the mode this graph was built with
+    const int32_t g_lo, g_hi;    // gate nodes record layers [g_lo, g_hi); the host the others
     ggml_tensor * inp = nullptr; // F32 [n_tokens, FFNSKIP_INPUT_ROWS]; null in static mode
 };
 
@@ -84,19 +86,32 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
     }
 
     fctx->stats.decode_tokens += n_decode;
-    if (mode == FFNSKIP_MODE_STATIC) {
-        for (int32_t j = 0; j < L; ++j) {
-            if (p.remove[j]) {
-                fctx->stats.skipped[j] += n_decode;
-            } else {
-                fctx->stats.run[j] += n_decode;
-            }
+    // layers no gate node observes (static mode: all; adaptive: the cold
+    // regions) always run, unless statically removed
+    for (int32_t j = 0; j < L; ++j) {
+        if (mode == FFNSKIP_MODE_ADAPTIVE && j >= g_lo && j < g_hi) {
+            continue;
+        }
+        if (p.remove[j]) {
+            fctx->stats.skipped[j] += n_decode;
+        } else {
+            fctx->stats.run[j] += n_decode;
         }
     }
     if (mode == FFNSKIP_MODE_ADAPTIVE) {
         fctx->trace_tokens = (int32_t) n;
         fctx->trace_decision.assign((size_t) n * L, 255);
         fctx->trace_cos.assign((size_t) n * L, NAN);
+        for (int64_t t = 0; t < n; ++t) {
+            if (mode_row[t] < 1.0f) {
+                continue;
+            }
+            for (int32_t j = 0; j < L; ++j) {
+                if (j < g_lo || j >= g_hi) {
+                    fctx->trace_decision[(size_t) t * L + j] = p.remove[j] ? 2 : 0;
+                }
+            }
+        }
     }
     if (inp != nullptr) {
         GGML_ASSERT(inp->ne[0] == n && inp->ne[1] == FFNSKIP_INPUT_ROWS);
@@ -134,20 +149,34 @@ void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ffnskip_gate_ud * ud = (const ffnskip_gate_ud *) userdata;
     ffnskip_context * f = ud->fctx;
     const int32_t il = ud->il;
+    const bool tail  = ud->tail != 0;
     const int32_t L  = f->n_layer;
     const ffnskip_params & p = f->params;
     ffnskip_stats & st = f->stats;
 
+    // srcs: input, [prev state], [h_{il-1}, o_{il-1}]
     const ggml_tensor * in   = dst->src[0];
-    const ggml_tensor * prev = il > 0 ? dst->src[1] : nullptr;
-    const ggml_tensor * h    = il > 0 ? dst->src[2] : nullptr;
-    const ggml_tensor * o    = il > 0 ? dst->src[3] : nullptr;
+    const ggml_tensor * prev = nullptr;
+    const ggml_tensor * h    = nullptr;
+    const ggml_tensor * o    = nullptr;
+    int s = 1;
+    if (dst->src[s] != nullptr && dst->src[s]->ne[1] == FFNSKIP_STATE_ROWS && dst->src[s]->op == GGML_OP_CUSTOM) {
+        prev = dst->src[s++];
+    }
+    if (il > 0) {
+        h = dst->src[s];
+        o = dst->src[s + 1];
+        GGML_ASSERT(h != nullptr && o != nullptr);
+    }
     const int64_t n = dst->ne[0];
 
     GGML_ASSERT(in->type == GGML_TYPE_F32 && in->ne[0] == n && in->ne[1] == FFNSKIP_INPUT_ROWS);
     GGML_ASSERT(dst->type == GGML_TYPE_F32 && dst->ne[1] == FFNSKIP_STATE_ROWS);
-    if (il > 0) {
+    GGML_ASSERT(!tail || prev != nullptr);
+    if (prev != nullptr) {
         GGML_ASSERT(prev->ne[0] == n && prev->ne[1] == FFNSKIP_STATE_ROWS);
+    }
+    if (h != nullptr) {
         GGML_ASSERT(h->type == GGML_TYPE_F32 && o->type == GGML_TYPE_F32);
         GGML_ASSERT(h->ne[0] == o->ne[0] && h->ne[1] == o->ne[1] && h->nb[0] == sizeof(float) && o->nb[0] == sizeof(float));
     }
@@ -157,19 +186,20 @@ void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
     for (int64_t t = 0; t < n; ++t) {
         float clast, budget, run, runs;
-        if (il == 0) {
+        const bool is_decode = mode[t] >= 1.0f;
+        float sk; // outcome of layer il-1: 0 ran, 1 skipped, 2 removed
+        if (prev == nullptr) {
+            // first gate node: layer il-1 (if any) is a cold layer, counted by the host
             clast = NAN; budget = (float) p.max_skip; run = 0.0f; runs = 0.0f;
+            sk = (il > 0 && p.remove[il - 1]) ? 2.0f : 0.0f;
         } else {
             clast  = ffnskip_row(prev, FFNSKIP_ROW_CLAST)[t];
             budget = ffnskip_row(prev, FFNSKIP_ROW_BUDGET)[t];
             run    = ffnskip_row(prev, FFNSKIP_ROW_RUN)[t];
             runs   = ffnskip_row(prev, FFNSKIP_ROW_RUNS)[t];
-
-            // outcome of layer il-1 for token t
-            const int32_t jp = il - 1;
-            const float sk = ffnskip_row(prev, FFNSKIP_ROW_SKIP)[t];
-            const bool is_decode = mode[t] >= 1.0f;
+            sk     = ffnskip_row(prev, FFNSKIP_ROW_SKIP)[t];
             if (is_decode) {
+                const int32_t jp = il - 1;
                 if (sk != 0.0f) {
                     st.skipped[jp]++;
                 } else {
@@ -179,58 +209,57 @@ void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                     f->trace_decision[(size_t) t * L + jp] = (uint8_t) sk;
                 }
             }
-            if (sk == 0.0f && is_decode) {
-                // (prefill tokens never gate: no cosine needed)
-                // row of token t in h/o: all tokens, or (last layer) output tokens only
-                int64_t r = -1;
-                if (h->ne[1] == n) {
-                    r = t;
-                } else {
-                    for (int64_t q = 0; q < h->ne[1]; ++q) {
-                        if ((int64_t) outidx[q] == t) {
-                            r = q;
-                            break;
-                        }
-                    }
-                }
-                if (r >= 0) {
-                    const double c = ffnskip_cos(h, o, r);
-                    clast = (float) c;
-                    if (is_decode) {
-                        st.cos_sum[jp] += c;
-                        st.cos_count[jp]++;
-                        if (trace) {
-                            f->trace_cos[(size_t) t * L + jp] = (float) c;
-                        }
+        }
+        if (h != nullptr && sk == 0.0f && is_decode) {
+            // cosine of layer il-1 (prefill tokens never gate: none needed);
+            // row of token t in h/o: all tokens, or (last layer) output tokens only
+            const int32_t jp = il - 1;
+            int64_t r = -1;
+            if (h->ne[1] == n) {
+                r = t;
+            } else {
+                for (int64_t q = 0; q < h->ne[1]; ++q) {
+                    if ((int64_t) outidx[q] == t) {
+                        r = q;
+                        break;
                     }
                 }
             }
+            if (r >= 0) {
+                const double c = ffnskip_cos(h, o, r);
+                clast = (float) c;
+                st.cos_sum[jp] += c;
+                st.cos_count[jp]++;
+                if (trace) {
+                    f->trace_cos[(size_t) t * L + jp] = (float) c;
+                }
+            }
         }
-        if (il >= L) {
-            continue; // tail node: stats of the last layer only
+        if (tail) {
+            continue; // stats of layer il-1 only
         }
 
         // decision for layer il (DESIGN.md section 3)
-        float s;
+        float d;
         if (p.remove[il]) {
-            s = 2.0f; // statically removed: no FFN in the graph, run state untouched
+            d = 2.0f; // statically removed: no FFN in the graph, run state untouched
         } else if (mode[t] != 2.0f || il < p.cold_start || il >= L - p.cold_end || p.exclude[il]) {
-            s = 0.0f; run = 0.0f;
+            d = 0.0f; run = 0.0f;
         } else if (run != 0.0f && p.continue_run && budget > 0.0f) {
-            s = 1.0f; budget -= 1.0f;
+            d = 1.0f; budget -= 1.0f;
         } else if (runs < (float) p.max_runs && budget > 0.0f && clast > p.threshold[il]) {
-            s = 1.0f; run = 1.0f; runs += 1.0f; budget -= 1.0f;
+            d = 1.0f; run = 1.0f; runs += 1.0f; budget -= 1.0f;
         } else {
-            s = 0.0f; run = 0.0f;
+            d = 0.0f; run = 0.0f;
         }
         ffnskip_row_mut(dst, FFNSKIP_ROW_CLAST)[t]  = clast;
         ffnskip_row_mut(dst, FFNSKIP_ROW_BUDGET)[t] = budget;
         ffnskip_row_mut(dst, FFNSKIP_ROW_RUN)[t]    = run;
         ffnskip_row_mut(dst, FFNSKIP_ROW_RUNS)[t]   = runs;
-        ffnskip_row_mut(dst, FFNSKIP_ROW_SKIP)[t]   = s;
-        ffnskip_row_mut(dst, FFNSKIP_ROW_KEEP)[t]   = s == 0.0f ? 1.0f : 0.0f;
+        ffnskip_row_mut(dst, FFNSKIP_ROW_SKIP)[t]   = d;
+        ffnskip_row_mut(dst, FFNSKIP_ROW_KEEP)[t]   = d == 0.0f ? 1.0f : 0.0f;
     }
-    if (il < L) {
+    if (!tail) {
         const float * keep = ffnskip_row(dst, FFNSKIP_ROW_KEEP);
         float * keep_out   = ffnskip_row_mut(dst, FFNSKIP_ROW_KEEP_OUT);
         for (int64_t r = 0; r < n; ++r) {
@@ -252,15 +281,19 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
     auto & b = f->b;
     if (il == 0) {
         const int32_t mode = f->effective_mode();
+        const ffnskip_params & p = f->params;
         b.active   = mode != FFNSKIP_MODE_OFF;
-        b.adaptive = mode == FFNSKIP_MODE_ADAPTIVE;
+        b.g_lo     = p.cold_start;
+        b.g_hi     = f->n_layer - p.cold_end;
+        // gate nodes only for the middle layers (cold layers always run)
+        b.adaptive = mode == FFNSKIP_MODE_ADAPTIVE && b.g_lo < b.g_hi;
         b.input    = nullptr;
         b.state    = nullptr;
         b.gate_il  = nullptr;
         b.h.assign(f->n_layer, nullptr);
         b.o.assign(f->n_layer, nullptr);
         if (b.active) {
-            auto inp = std::make_unique<llm_graph_input_ffnskip>(f, mode);
+            auto inp = std::make_unique<llm_graph_input_ffnskip>(f, mode, b.adaptive ? b.g_lo : 0, b.adaptive ? b.g_hi : 0);
             if (b.adaptive) {
                 inp->inp = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, n_tokens, FFNSKIP_INPUT_ROWS);
                 ggml_set_input(inp->inp);
@@ -275,13 +308,16 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
     }
     b.h[il]   = ffn_inp;
     b.gate_il = nullptr;
-    if (b.adaptive) {
+    if (b.adaptive && il >= b.g_lo && il < b.g_hi) {
         ggml_tensor * args[4];
         int n_args = 0;
         args[n_args++] = b.input;
-        if (il > 0) {
-            GGML_ASSERT(b.state != nullptr && b.h[il - 1] != nullptr && b.o[il - 1] != nullptr);
+        if (il > b.g_lo) {
+            GGML_ASSERT(b.state != nullptr);
             args[n_args++] = b.state;
+        }
+        if (il > 0) {
+            GGML_ASSERT(b.h[il - 1] != nullptr && b.o[il - 1] != nullptr);
             args[n_args++] = b.h[il - 1];
             args[n_args++] = b.o[il - 1];
         }
@@ -302,12 +338,12 @@ void llm_graph_context::ffnskip_ffn_end(ggml_tensor * l_out, int il) const {
     auto & b = f->b;
     b.o[il] = l_out;
     b.gate_il = nullptr;
-    if (b.adaptive && il == f->n_layer - 1) {
-        // tail: records the outcome (and cosine) of the last layer
+    if (b.adaptive && il == b.g_hi - 1) {
+        // tail: records the outcome (and cosine) of the last gated layer
         ggml_tensor * args[4] = { b.input, b.state, b.h[il], b.o[il] };
         ggml_tensor * tail = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_tokens, FFNSKIP_STATE_ROWS, 1, 1,
-                                            args, 4, ffnskip_gate_op, 1, &f->ud[f->n_layer]);
-        ggml_set_name(tail, "ffnskip_tail");
+                                            args, 4, ffnskip_gate_op, 1, &f->ud_tail[il + 1]);
+        ggml_format_name(tail, "ffnskip_tail-%d", il + 1);
         ggml_build_forward_expand(gf, tail);
     }
 }
@@ -343,7 +379,9 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
         if (t->op == GGML_OP_MUL_MAT && t->src[2] == nullptr && t->src[0] != nullptr &&
             (t->src[0] == up || t->src[0] == gate || t->src[0] == down)) {
             t->src[2] = g;
-            t->op_params[FFNSKIP_OP_PARAM_SLOT] = FFNSKIP_MUL_MAT_MAGIC;
+            // down writes the zeros the residual add reads; up/gate outputs
+            // are read only by the skipped down: they may do nothing at all
+            t->op_params[FFNSKIP_OP_PARAM_SLOT] = t->src[0] == down ? FFNSKIP_MUL_MAT_MAGIC : FFNSKIP_MUL_MAT_MAGIC_NOOP;
         }
         for (int i = 0; i < GGML_MAX_SRC; ++i) {
             if (t->src[i] != nullptr && t->src[i] != g) {

@@ -16,11 +16,12 @@ struct llama_model;
 struct ggml_tensor;
 struct ffnskip_context;
 
-// userdata of one gate node: which layer it decides (n_layer: the tail node,
-// which only records the stats of the last layer)
+// userdata of one gate node: the layer il it decides; a tail node (tail = 1)
+// decides nothing and only records the outcome of layer il - 1
 struct ffnskip_gate_ud {
     ffnskip_context * fctx;
     int32_t il;
+    int32_t tail;
 };
 
 struct ffnskip_context {
@@ -41,12 +42,14 @@ struct ffnskip_context {
     std::vector<uint8_t> trace_decision; // [n_tokens * n_layer]
     std::vector<float>   trace_cos;      // [n_tokens * n_layer]
 
-    std::vector<ffnskip_gate_ud> ud;     // [n_layer + 1]
+    std::vector<ffnskip_gate_ud> ud;      // [n_layer]: gate node of layer il
+    std::vector<ffnskip_gate_ud> ud_tail; // [n_layer + 1]: tail node after layer il - 1
 
     // graph-build scratch (valid while one graph is being built)
     struct {
         bool active = false;               // this graph carries the hooks
         bool adaptive = false;             // gate nodes present
+        int32_t g_lo = 0, g_hi = 0;        // gate nodes decide layers [g_lo, g_hi)
         ggml_tensor * input = nullptr;     // F32 [n_tokens, FFNSKIP_INPUT_ROWS]
         ggml_tensor * state = nullptr;     // last gate node
         ggml_tensor * gate_il = nullptr;   // gate of the layer being built

@@ -181,9 +181,13 @@ ffnskip_context * ffnskip_context_new(const llama_model * model) {
     fctx->stats.n_layer = fctx->n_layer;
     ffnskip_check_supported(fctx);
     fctx->stats.supported = fctx->supported ? 1 : 0;
-    fctx->ud.resize(fctx->n_layer + 1);
+    fctx->ud.resize(fctx->n_layer);
+    fctx->ud_tail.resize(fctx->n_layer + 1);
     for (int il = 0; il <= fctx->n_layer; ++il) {
-        fctx->ud[il] = { fctx, il };
+        if (il < fctx->n_layer) {
+            fctx->ud[il] = { fctx, il, 0 };
+        }
+        fctx->ud_tail[il] = { fctx, il, 1 };
     }
     return fctx;
 }
@@ -210,7 +214,8 @@ int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char *
         return -1;
     }
     const ffnskip_params & old = fctx->params;
-    bool topo_changed = old.mode != p->mode;
+    // gate nodes exist only for the middle layers: cold regions are topology
+    bool topo_changed = old.mode != p->mode || old.cold_start != p->cold_start || old.cold_end != p->cold_end;
     for (int j = 0; j < fctx->n_layer && !topo_changed; ++j) {
         topo_changed = old.remove[j] != p->remove[j];
     }

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     g = sub.add_parser("generate", help="generate text from a prompt, print tok/s and the skip ratio")
-    g.add_argument("--model", "-m", default="smollm2-135m", help="model name (see --list-models) or .gguf path")
+    g.add_argument("--model", "-m", default="smollm2-135m", help="model name (see `ffnskip-gguf models`) or .gguf path")
     g.add_argument("--prompt", "-p", required=True)
     g.add_argument("--max-tokens", "-n", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -190,7 +190,31 @@ def _register_eval(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
-_EXTRA_COMMANDS: list = [_register_bench, _register_eval]
+def cmd_models(a: argparse.Namespace) -> int:
+    from .models import MODELS, pip_install_line, resolve_model
+
+    for spec in MODELS.values():
+        try:
+            where = str(resolve_model(spec.name)) if a.resolve else "installed" if _installed(spec) else "not installed"
+        except Exception as e:  # noqa: BLE001  (a listing: show the reason, go on)
+            where = f"unavailable: {e}"
+        print(f"{spec.name:20s} {spec.description}\n{'':20s} {where}\n{'':20s} {pip_install_line(spec)}")
+    return 0
+
+
+def _installed(spec) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m, _ in spec.parts)
+
+
+def _register_models(sub) -> None:
+    m = sub.add_parser("models", help="list the offline models (PyPI packages) and whether they are installed")
+    m.add_argument("--resolve", action="store_true", help="also assemble multi-part models and print their paths")
+    m.set_defaults(func=cmd_models)
+
+
+_EXTRA_COMMANDS: list = [_register_bench, _register_eval, _register_models]
 
 
 def main(argv: list[str] | None = None) -> int:

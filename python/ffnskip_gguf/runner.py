@@ -16,6 +16,15 @@ from . import _lib, policy
 from .stats import FfnSkipStats, from_c
 
 
+def _default_threads() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class Runner:
     """One model + one context; decode explicit (token, pos, seq_id, want_logits) lists.
 
@@ -25,7 +34,8 @@ class Runner:
         n_batch: batch and ubatch size in tokens.
         n_seq_max: sequences that may decode together.
         cb: optional eval callback (ggml_backend_sched_eval_callback signature).
-        n_threads: CPU threads (default: llama.cpp's default).
+        n_threads: CPU threads (default: the CPUs this process may use; llama.cpp's
+            own default of 4 oversubscribes small machines).
     Raises:
         RuntimeError: the model or context could not be created.
     """
@@ -41,9 +51,10 @@ class Runner:
         cp.n_batch = n_batch
         cp.n_ubatch = n_batch
         cp.n_seq_max = n_seq_max
-        if n_threads is not None:
-            cp.n_threads = n_threads
-            cp.n_threads_batch = n_threads
+        if n_threads is None:
+            n_threads = _default_threads()
+        cp.n_threads = n_threads
+        cp.n_threads_batch = n_threads
         cp.no_perf = False
         self._cb = None
         if cb is not None:
