@@ -56,7 +56,26 @@ def _first_disagreement_is_at_threshold(s, gdec, odec, ocos):
     return True
 
 
-@pytest.mark.parametrize("model,arch", [("smollm2_path", "llama"), ("qwen_path", "qwen2"), ("gemma_path", "gemma3")])
+@pytest.fixture(scope="module")
+def qwen3_synthetic_path(qwen_path, tmp_path_factory):
+    """No Qwen3 model is available offline: Qwen2.5-0.5B's weights as a qwen3
+    model (architecture renamed, per-head Q/K RMS-norm weights of ones added).
+    Not a good language model, but it runs llama.cpp's qwen3 graph."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(qwen_path)
+    L = int(r.fields["qwen2.block_count"].contents())
+    head = int(r.fields["qwen2.embedding_length"].contents()) // int(r.fields["qwen2.attention.head_count"].contents())
+    extra = {}
+    for j in range(L):
+        extra[f"blk.{j}.attn_q_norm.weight"] = np.ones(head, dtype=np.float32)
+        extra[f"blk.{j}.attn_k_norm.weight"] = np.ones(head, dtype=np.float32)
+    return str(copy_gguf(qwen_path, tmp_path_factory.mktemp("qwen3") / "qwen3-synthetic.gguf",
+                         rename_arch="qwen3", extra_tensors=extra))
+
+
+@pytest.mark.parametrize("model,arch", [("smollm2_path", "llama"), ("qwen_path", "qwen2"), ("gemma_path", "gemma3"),
+                                        ("qwen3_synthetic_path", "qwen3")])
 def test_gate_matches_the_callback_oracle(request, model, arch):
     path = request.getfixturevalue(model)
     s, (toks, logits, gdec, gcos), (otoks, ologits, odec, ocos) = _gate_vs_oracle(path, arch)

@@ -28,6 +28,7 @@ def copy_gguf(
     rename_arch: str | None = None,
     tensor_data: Callable[[str, np.ndarray], np.ndarray] | None = None,
     tensor_convert: Callable[[Any], tuple[np.ndarray, Any] | None] | None = None,
+    extra_tensors: Mapping[str, np.ndarray] | None = None,
     progress: bool = False,
 ) -> Path:
     """Copy ``src`` to ``dst`` with metadata changes.
@@ -43,6 +44,8 @@ def copy_gguf(
         tensor_convert: optional (gguf ReaderTensor) -> (new data, GGMLQuantizationType)
             or None to keep it: changes a tensor's type (tests: F16/F32 FFN weights).
             Loads the converted tensors in memory.
+        extra_tensors: name -> F32/F16 array appended after the copied tensors
+            (tests: synthetic architectures).
         progress: show a tqdm bar over tensor bytes.
 
     Returns: ``dst`` as a Path.
@@ -90,6 +93,8 @@ def copy_gguf(
             else:
                 writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
             total += int(t.n_bytes)
+        for name, arr in (extra_tensors or {}).items():
+            writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -109,6 +114,8 @@ def copy_gguf(
             writer.write_tensor_data(data)
             if bar:
                 bar.update(int(t.n_bytes))
+        for arr in (extra_tensors or {}).values():
+            writer.write_tensor_data(arr)
         writer.close()
         if bar:
             bar.close()
