@@ -26,6 +26,19 @@
 #include <map>
 #include <memory>
 
+void ffnskip_batch_begin(ffnskip_context * fctx, const llama_batch_ext & batch) {
+    if (fctx == nullptr) {
+        return;
+    }
+    fctx->batch_seq_count.clear();
+    for (const auto & tok : batch.tokens) {
+        for (llama_seq_id s : tok.seq_ids) {
+            fctx->batch_seq_count[s]++;
+        }
+    }
+    fctx->batch_valid = true;
+}
+
 // per-ubatch graph input: token modes (prefill / warm-up / gated) and output rows
 class llm_graph_input_ffnskip : public llm_graph_input_i {
 public:
@@ -51,11 +64,15 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
     const int32_t L = fctx->n_layer;
     const ffnskip_params & p = fctx->params;
 
-    // a decode token is the only token of each of its sequences in the ubatch
+    // a decode token is the only token of each of its sequences in the batch
+    // given to llama_decode (so a prompt split into ubatches stays prefill);
+    // without a batch (internal graph evaluations) the ubatch decides
     std::map<llama_seq_id, int32_t> per_seq;
-    for (int64_t t = 0; t < n; ++t) {
-        for (int32_t s = 0; s < ubatch->n_seq_id[t]; ++s) {
-            per_seq[ubatch->seq_id[t][s]]++;
+    if (!fctx->batch_valid) {
+        for (int64_t t = 0; t < n; ++t) {
+            for (int32_t s = 0; s < ubatch->n_seq_id[t]; ++s) {
+                per_seq[ubatch->seq_id[t][s]]++;
+            }
         }
     }
     std::vector<float> rows((size_t) n * FFNSKIP_INPUT_ROWS, 0.0f);
@@ -65,7 +82,15 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
     for (int64_t t = 0; t < n; ++t) {
         bool decode = ubatch->n_seq_id[t] > 0;
         for (int32_t s = 0; s < ubatch->n_seq_id[t]; ++s) {
-            decode = decode && per_seq[ubatch->seq_id[t][s]] == 1;
+            const llama_seq_id sid = ubatch->seq_id[t][s];
+            int32_t count;
+            if (fctx->batch_valid) {
+                auto it = fctx->batch_seq_count.find(sid);
+                count = it == fctx->batch_seq_count.end() ? 0 : it->second;
+            } else {
+                count = per_seq[sid];
+            }
+            decode = decode && count == 1;
         }
         float m = 0.0f;
         if (decode) {
@@ -154,20 +179,13 @@ void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ffnskip_params & p = f->params;
     ffnskip_stats & st = f->stats;
 
-    // srcs: input, [prev state], [h_{il-1}, o_{il-1}]
+    // srcs: input, [prev state (has_prev)], [h_obs, o_obs (obs >= 0)]
     const ggml_tensor * in   = dst->src[0];
-    const ggml_tensor * prev = nullptr;
-    const ggml_tensor * h    = nullptr;
-    const ggml_tensor * o    = nullptr;
-    int s = 1;
-    if (dst->src[s] != nullptr && dst->src[s]->ne[1] == FFNSKIP_STATE_ROWS && dst->src[s]->op == GGML_OP_CUSTOM) {
-        prev = dst->src[s++];
-    }
-    if (il > 0) {
-        h = dst->src[s];
-        o = dst->src[s + 1];
-        GGML_ASSERT(h != nullptr && o != nullptr);
-    }
+    const ggml_tensor * prev = ud->has_prev ? dst->src[1] : nullptr;
+    const int32_t obs        = ud->obs;
+    const ggml_tensor * h    = obs >= 0 ? dst->src[ud->has_prev ? 2 : 1] : nullptr;
+    const ggml_tensor * o    = obs >= 0 ? dst->src[ud->has_prev ? 3 : 2] : nullptr;
+    GGML_ASSERT(obs < 0 || (h != nullptr && o != nullptr));
     const int64_t n = dst->ne[0];
 
     GGML_ASSERT(in->type == GGML_TYPE_F32 && in->ne[0] == n && in->ne[1] == FFNSKIP_INPUT_ROWS);
@@ -189,9 +207,10 @@ void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         const bool is_decode = mode[t] >= 1.0f;
         float sk; // outcome of layer il-1: 0 ran, 1 skipped, 2 removed
         if (prev == nullptr) {
-            // first gate node: layer il-1 (if any) is a cold layer, counted by the host
+            // first gate node: layer obs (the last earlier layer not removed, if
+            // any) is a cold layer that ran; the host counts it
             clast = NAN; budget = (float) p.max_skip; run = 0.0f; runs = 0.0f;
-            sk = (il > 0 && p.remove[il - 1]) ? 2.0f : 0.0f;
+            sk = 0.0f;
         } else {
             clast  = ffnskip_row(prev, FFNSKIP_ROW_CLAST)[t];
             budget = ffnskip_row(prev, FFNSKIP_ROW_BUDGET)[t];
@@ -211,9 +230,9 @@ void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
             }
         }
         if (h != nullptr && sk == 0.0f && is_decode) {
-            // cosine of layer il-1 (prefill tokens never gate: none needed);
+            // cosine of layer obs (prefill tokens never gate: none needed);
             // row of token t in h/o: all tokens, or (last layer) output tokens only
-            const int32_t jp = il - 1;
+            const int32_t jp = obs;
             int64_t r = -1;
             if (h->ne[1] == n) {
                 r = t;
@@ -311,15 +330,25 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
     if (b.adaptive && il >= b.g_lo && il < b.g_hi) {
         ggml_tensor * args[4];
         int n_args = 0;
+        ffnskip_gate_ud & ud = f->ud[il];
         args[n_args++] = b.input;
-        if (il > b.g_lo) {
+        ud.has_prev = il > b.g_lo ? 1 : 0;
+        if (ud.has_prev) {
             GGML_ASSERT(b.state != nullptr);
             args[n_args++] = b.state;
         }
-        if (il > 0) {
-            GGML_ASSERT(b.h[il - 1] != nullptr && b.o[il - 1] != nullptr);
-            args[n_args++] = b.h[il - 1];
-            args[n_args++] = b.o[il - 1];
+        // the layer whose cosine feeds this decision: il-1, or for the first
+        // gate node the last earlier layer whose FFN is in the graph
+        ud.obs = il - 1;
+        if (!ud.has_prev) {
+            while (ud.obs >= 0 && f->params.remove[ud.obs]) {
+                ud.obs--;
+            }
+        }
+        if (ud.obs >= 0) {
+            GGML_ASSERT(b.h[ud.obs] != nullptr && b.o[ud.obs] != nullptr);
+            args[n_args++] = b.h[ud.obs];
+            args[n_args++] = b.o[ud.obs];
         }
         ggml_tensor * g = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_tokens, FFNSKIP_STATE_ROWS, 1, 1,
                                          args, n_args, ffnskip_gate_op, 1, &f->ud[il]);
@@ -340,6 +369,8 @@ void llm_graph_context::ffnskip_ffn_end(ggml_tensor * l_out, int il) const {
     b.gate_il = nullptr;
     if (b.adaptive && il == b.g_hi - 1) {
         // tail: records the outcome (and cosine) of the last gated layer
+        f->ud_tail[il + 1].has_prev = 1;
+        f->ud_tail[il + 1].obs = il;
         ggml_tensor * args[4] = { b.input, b.state, b.h[il], b.o[il] };
         ggml_tensor * tail = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_tokens, FFNSKIP_STATE_ROWS, 1, 1,
                                             args, 4, ffnskip_gate_op, 1, &f->ud_tail[il + 1]);
@@ -381,7 +412,9 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
             t->src[2] = g;
             // down writes the zeros the residual add reads; up/gate outputs
             // are read only by the skipped down: they may do nothing at all
-            t->op_params[FFNSKIP_OP_PARAM_SLOT] = t->src[0] == down ? FFNSKIP_MUL_MAT_MAGIC : FFNSKIP_MUL_MAT_MAGIC_NOOP;
+            // (with biases, scales or LoRA other nodes read them: write zeros)
+            t->op_params[FFNSKIP_OP_PARAM_SLOT] = (t->src[0] == down || has_extra) ? FFNSKIP_MUL_MAT_MAGIC
+                                                                                   : FFNSKIP_MUL_MAT_MAGIC_NOOP;
         }
         for (int i = 0; i < GGML_MAX_SRC; ++i) {
             if (t->src[i] != nullptr && t->src[i] != g) {

@@ -10,9 +10,11 @@
 #include "ffn-skip-ggml.h"
 
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 struct llama_model;
+struct llama_batch_ext;
 struct ggml_tensor;
 struct ffnskip_context;
 
@@ -22,6 +24,8 @@ struct ffnskip_gate_ud {
     ffnskip_context * fctx;
     int32_t il;
     int32_t tail;
+    int32_t has_prev; // src[1] is the previous gate node (set when the graph is built)
+    int32_t obs;      // layer whose h/o this node reads (-1: none); normally il - 1
 };
 
 struct ffnskip_context {
@@ -36,6 +40,10 @@ struct ffnskip_context {
     bool warned = false;
 
     ffnskip_stats stats;
+
+    // per-sequence token counts of the batch being decoded (ffnskip_batch_begin)
+    std::unordered_map<int32_t, int32_t> batch_seq_count;
+    bool batch_valid = false;
 
     // trace of the last gated ubatch (ffnskip_get_trace)
     int32_t trace_tokens = 0;
@@ -63,6 +71,9 @@ struct ffnskip_context {
 
 ffnskip_context * ffnskip_context_new(const llama_model * model);
 void              ffnskip_context_free(ffnskip_context * fctx);
+
+// called by llama_context::decode with the whole batch (patches/0001); fctx may be NULL
+void ffnskip_batch_begin(ffnskip_context * fctx, const llama_batch_ext & batch);
 
 // gate op (GGML_OP_CUSTOM on the CPU backend): see ffn-skip-graph.cpp
 void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata);

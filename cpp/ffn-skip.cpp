@@ -160,11 +160,13 @@ static void ffnskip_check_supported(ffnskip_context * fctx) {
             fctx->reason = "layer " + std::to_string(il) + " has no dense FFN (mixture of experts is not supported)";
             return;
         }
-        if (!ffnskip_weight_on_cpu(layer.ffn_up) || !ffnskip_weight_on_cpu(layer.ffn_gate) ||
-            !ffnskip_weight_on_cpu(layer.ffn_down)) {
-            ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.ffn_down->buffer);
-            fctx->reason = std::string("FFN weights of layer ") + std::to_string(il) + " are on backend buffer '" +
-                           ggml_backend_buft_name(buft) + "', which has no predicated FFN path yet; decoding dense";
+        for (const ggml_tensor * w : { layer.ffn_up, layer.ffn_gate, layer.ffn_down }) {
+            if (ffnskip_weight_on_cpu(w)) {
+                continue;
+            }
+            const char * where = w->buffer ? ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)) : "(none)";
+            fctx->reason = std::string("FFN weight ") + ggml_get_name(w) + " is on backend buffer '" + where +
+                           "', which has no predicated FFN path yet; decoding dense";
             return;
         }
     }
@@ -178,16 +180,16 @@ ffnskip_context * ffnskip_context_new(const llama_model * model) {
     fctx->n_layer = (int32_t) model->hparams.n_layer();
     ffnskip_params_default(&fctx->params, fctx->n_layer);
     std::memset(&fctx->stats, 0, sizeof(fctx->stats));
-    fctx->stats.n_layer = fctx->n_layer;
+    fctx->stats.n_layer = std::min(fctx->n_layer, (int32_t) FFNSKIP_MAX_LAYERS);
     ffnskip_check_supported(fctx);
     fctx->stats.supported = fctx->supported ? 1 : 0;
     fctx->ud.resize(fctx->n_layer);
     fctx->ud_tail.resize(fctx->n_layer + 1);
     for (int il = 0; il <= fctx->n_layer; ++il) {
         if (il < fctx->n_layer) {
-            fctx->ud[il] = { fctx, il, 0 };
+            fctx->ud[il] = { fctx, il, 0, 0, il - 1 };
         }
-        fctx->ud_tail[il] = { fctx, il, 1 };
+        fctx->ud_tail[il] = { fctx, il, 1, 1, il - 1 };
     }
     return fctx;
 }
@@ -197,7 +199,9 @@ void ffnskip_context_free(ffnskip_context * fctx) {
 }
 
 static ffnskip_context * ffnskip_get(llama_context * ctx) {
-    GGML_ASSERT(ctx != nullptr);
+    if (ctx == nullptr) {
+        return nullptr;
+    }
     if (ctx->ffnskip == nullptr) {
         ctx->ffnskip = ffnskip_context_new(&ctx->get_model());
     }
@@ -210,6 +214,11 @@ int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char *
         return -1;
     }
     ffnskip_context * fctx = ffnskip_get(ctx);
+    if (p != nullptr && p->mode == FFNSKIP_MODE_OFF && (fctx->n_layer < 1 || fctx->n_layer > FFNSKIP_MAX_LAYERS)) {
+        fctx->params.mode = FFNSKIP_MODE_OFF; // any model can decode dense
+        fctx->topo++;
+        return 0;
+    }
     if (ffnskip_params_validate(p, fctx->n_layer, err, err_len) != 0) {
         return -1;
     }
@@ -231,13 +240,20 @@ int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char *
 }
 
 int32_t ffnskip_get_params(llama_context * ctx, ffnskip_params * p) {
-    GGML_ASSERT(p != nullptr);
-    *p = ffnskip_get(ctx)->params;
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx == nullptr || p == nullptr) {
+        return -1;
+    }
+    *p = fctx->params;
     return 0;
 }
 
 int32_t ffnskip_supported(llama_context * ctx, char * reason, size_t reason_len) {
     ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx == nullptr) {
+        ffnskip_err(reason, reason_len, "context is NULL");
+        return 0;
+    }
     if (!fctx->supported) {
         ffnskip_err(reason, reason_len, "%s", fctx->reason.c_str());
         return 0;
@@ -246,20 +262,29 @@ int32_t ffnskip_supported(llama_context * ctx, char * reason, size_t reason_len)
 }
 
 int32_t ffnskip_get_stats(llama_context * ctx, ffnskip_stats * out) {
-    GGML_ASSERT(out != nullptr);
-    *out = ffnskip_get(ctx)->stats;
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx == nullptr || out == nullptr) {
+        return -1;
+    }
+    *out = fctx->stats;
     return 0;
 }
 
 void ffnskip_reset_stats(llama_context * ctx) {
     ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx == nullptr) {
+        return;
+    }
     std::memset(&fctx->stats, 0, sizeof(fctx->stats));
-    fctx->stats.n_layer   = fctx->n_layer;
+    fctx->stats.n_layer   = std::min(fctx->n_layer, (int32_t) FFNSKIP_MAX_LAYERS);
     fctx->stats.supported = fctx->supported ? 1 : 0;
 }
 
 int32_t ffnskip_get_trace(llama_context * ctx, uint8_t * decision, float * cos, int32_t max_tokens) {
     ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx == nullptr) {
+        return 0;
+    }
     const int32_t n = std::min(max_tokens, fctx->trace_tokens);
     const size_t count = (size_t) std::max(n, 0) * (size_t) fctx->n_layer;
     if (decision != nullptr && count > 0) {

@@ -378,3 +378,82 @@ def test_f16_and_f32_ffn_weights_skip_exactly(smollm2_path, tmp_path):
     assert not np.array_equal(a.view(np.uint32), dense.view(np.uint32))
     g.close()
     z.close()
+
+
+def test_prompts_split_across_ubatches_stay_prefill(smollm2_path):
+    """A multi-sequence batch is split by llama.cpp into ubatches with equal
+    tokens per sequence; prompt tokens that land alone in a ubatch are still
+    prefill (decode tokens are the only token of their sequence in the batch)."""
+    r = Runner(smollm2_path, n_seq_max=4)
+    r.set_policy(True, ffn_skip_threshold=-2.0, ffn_skip_warmup=0)  # skips whatever is gated
+    r.reset_stats()
+    base = r.tokenize(PROSE + " and so the story goes on and on")
+    prompts = [base[:n] for n in (20, 23, 27, 31)]  # uneven lengths
+    r.clear()
+    r.decode([(t, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)])
+    st = r.stats()
+    assert st.decode_tokens == 0 and st.skipped == 0
+    # one decode token of sequence 0 together with a new prompt of sequence 1
+    r.decode([(base[20], 20, 0, True)] + [(t, 23 + i, 1, i == 4) for i, t in enumerate(base[23:28])])
+    st = r.stats()
+    assert st.decode_tokens == 1
+    r.close()
+
+
+def _ffn_down_bias_copy(src, dst, zero_down_layers=()):
+    """SmolLM2 with an ffn_down bias in every layer (small random values), and
+    optionally zeroed down weights and biases in some layers."""
+    from gguf import GGUFReader
+
+    rng = np.random.default_rng(0)
+    L = 30
+    n_embd = int(GGUFReader(src).fields["llama.embedding_length"].contents())
+    extra = {}
+    for j in range(L):
+        b = (rng.standard_normal(n_embd) * 0.05).astype(np.float32)
+        extra[f"blk.{j}.ffn_down.bias"] = np.zeros_like(b) if j in zero_down_layers else b
+    names = {f"blk.{j}.ffn_down.weight" for j in zero_down_layers}
+    return copy_gguf(src, dst, extra_tensors=extra, tensor_data=lambda n, d: np.zeros_like(d) if n in names else d)
+
+
+def test_ffn_with_bias_is_masked_to_exact_zero(smollm2_path, tmp_path):
+    """With an FFN bias a skipped matmul alone would leave the bias: the
+    per-token mask makes the skipped FFN contribute exactly zero."""
+    L = 30
+    forced = [7, 11, 16]
+    g = Runner(str(_ffn_down_bias_copy(smollm2_path, tmp_path / "bias.gguf")))
+    z = Runner(str(_ffn_down_bias_copy(smollm2_path, tmp_path / "bias-zeroed.gguf", forced)))
+    z.set_policy(False)
+    g.set_policy(True, ffn_skip_cold_start=0, ffn_skip_cold_end=0, ffn_skip_threshold=-2.0,
+                 ffn_skip_exclude=[j for j in range(L) if j not in forced], ffn_skip_max_skip=L,
+                 ffn_skip_max_runs=L, ffn_skip_continue=False, ffn_skip_warmup=0)
+    tokens = g.tokenize(PROSE)[:10]
+    a = _decode_one_by_one(g, tokens)
+    b = _decode_one_by_one(z, tokens)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    g.close()
+    z.close()
+
+
+def test_methods_after_close_raise_instead_of_crashing(smollm2_path):
+    llm = Llama(smollm2_path, n_ctx=64, verbose=False, ffn_skip=True)
+    llm.close()
+    for call in (llm.ffn_skip_stats, llm.reset_ffn_skip_stats, lambda: llm.set_ffn_skip(False), llm.ffn_skip_trace):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+
+
+def test_set_ffn_skip_rejected_by_the_library_changes_nothing(smollm2_path):
+    from ffnskip_gguf import _lib
+    import ctypes
+
+    llm = Llama(smollm2_path, n_ctx=64, verbose=False, ffn_skip=True, ffn_skip_max_skip=4)
+    with pytest.raises(ValueError, match="ffn_skip_threshold"):
+        llm.set_ffn_skip(ffn_skip_threshold=1e39)  # finite in Python, inf as a C float
+    p = _lib.ffnskip_params()
+    _lib.ffnskip_get_params(llm._ffn_ctx, ctypes.byref(p))
+    assert p.max_skip == 4 and abs(p.threshold[10] - 0.95) < 1e-6 and p.mode == _lib.FFNSKIP_MODE_ADAPTIVE
+    assert llm.ffn_skip_params().threshold == pytest.approx(0.95)
+    llm.set_ffn_skip(False)
+    _lib.ffnskip_get_params(llm._ffn_ctx, ctypes.byref(p))
+    assert p.mode == _lib.FFNSKIP_MODE_OFF

@@ -51,7 +51,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .models import resolve_model
 
     path = resolve_model(a.model)
-    llm = Llama(str(path), n_ctx=a.n_ctx, n_threads=a.threads, seed=a.seed, verbose=a.verbose, **skip_kwargs(a))
+    from .runner import _default_threads
+
+    threads = a.threads or _default_threads()
+    llm = Llama(str(path), n_ctx=a.n_ctx, n_threads=threads, n_threads_batch=threads, seed=a.seed,
+                verbose=a.verbose, **skip_kwargs(a))
     if a.chat:
         stream = llm.create_chat_completion(messages=[{"role": "user", "content": a.prompt}],
                                             max_tokens=a.max_tokens, temperature=a.temperature, stream=True)
@@ -59,23 +63,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         stream = llm.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, stream=True)
         pieces = (c["choices"][0]["text"] for c in stream)
-    t0 = time.perf_counter()
-    t_first = None
     n = 0
     if not a.chat:
         sys.stdout.write(a.prompt)
     for piece in pieces:
-        if t_first is None:
-            t_first = time.perf_counter()
         n += 1
         sys.stdout.write(piece)
         sys.stdout.flush()
-    t1 = time.perf_counter()
     sys.stdout.write("\n")
-    decode_s = (t1 - t_first) if t_first is not None else 0.0
+    import llama_cpp
+
+    perf = llama_cpp.llama_perf_context(llm._ctx.ctx)  # llama.cpp's own counters
+    decode_tps = perf.n_eval / (perf.t_eval_ms / 1000.0) if perf.t_eval_ms > 0 else 0.0
+    prefill_tps = perf.n_p_eval / (perf.t_p_eval_ms / 1000.0) if perf.t_p_eval_ms > 0 else 0.0
     st = llm.ffn_skip_stats()
-    print(f"\n--- {n} chunks; prefill + first token {((t_first or t1) - t0):.3f} s; "
-          f"decode {(n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0:.1f} tok/s", file=sys.stderr)
+    print(f"\n--- prefill {perf.n_p_eval} tokens at {prefill_tps:.1f} tok/s; "
+          f"decode {perf.n_eval} tokens at {decode_tps:.1f} tok/s", file=sys.stderr)
     if llm.ffn_skip_params().enabled:
         extra = "" if st.supported else f" (dense: {st.reason})"
         print(f"--- FFN skip ratio {st.skip_ratio:.3f} over {st.decode_tokens} decode tokens{extra}", file=sys.stderr)

@@ -189,8 +189,9 @@ class Evaluator:
         self.corpus = corpus if corpus is not None else default_corpus()
         self.prompts = prompts
         self.qa = qa
-        self.r = Runner(self.path, n_ctx=n_seq * (chunk + 8) + 64, n_batch=max(512, n_seq * prefill),
-                        n_seq_max=n_seq, n_threads=n_threads)
+        # room for n_seq chunks, or n_seq prompts (QA: chat template + question) plus their generations
+        self.r = Runner(self.path, n_ctx=n_seq * (max(chunk, 256) + max(gen_tokens, qa_tokens) + 16),
+                        n_batch=max(512, n_seq * prefill), n_seq_max=n_seq, n_threads=n_threads)
         self.L = self.r.n_layer
         self.chunks = self._make_chunks(max_tokens)
         self.dense: EvalResult | None = None
@@ -230,8 +231,10 @@ class Evaluator:
     def _apply(self, cfg: EvalConfig) -> Callable[[], None] | None:
         L = self.L
         if cfg.method == "dense":
-            # never-firing gate: bit-identical to dense, and records cos(h, o) per layer
-            self.r.set_policy(True, ffn_skip_threshold=2.0, ffn_skip_warmup=0)
+            # never-firing gate on every layer (no cold regions): bit-identical
+            # to dense, and records cos(h, o) of every layer (ShortGPT needs them)
+            self.r.set_policy(True, ffn_skip_threshold=2.0, ffn_skip_warmup=0, ffn_skip_cold_start=0,
+                              ffn_skip_cold_end=0)
             return None
         if cfg.method == "gate":
             self.r.set_policy(True, **cfg.settings)
@@ -253,9 +256,9 @@ class Evaluator:
         def place(start: int) -> None:
             taus = [2.0] * L
             taus[start] = -2.0
+            # warm-up: the policy default, as for the gate configurations
             self.r.set_policy(True, ffn_skip_threshold=taus, ffn_skip_cold_start=1, ffn_skip_cold_end=0,
-                              ffn_skip_max_skip=k, ffn_skip_max_runs=1, ffn_skip_continue=True,
-                              ffn_skip_warmup=self.prefill)
+                              ffn_skip_max_skip=k, ffn_skip_max_runs=1, ffn_skip_continue=True)
 
         if cfg.method == "static":
             cfg.settings = {"block": [cold, cold + k]}
@@ -446,7 +449,10 @@ def evaluate(path: str | Path, specs: list[str], *, out_dir: str | Path | None =
         cfgs.insert(0, EvalConfig("dense", "dense"))
     cfgs.sort(key=lambda c: c.method != "dense")
     cdir = Path(cache_dir) if cache_dir else None
-    base_key = f"{model_fingerprint(path)}-{ev.corpus_hash()}"
+    from . import __version__, LIB_DIR
+
+    lib_id = hashlib.sha256((LIB_DIR / "libllama.so").read_bytes() if (LIB_DIR / "libllama.so").exists() else b"").hexdigest()[:12]
+    base_key = f"{model_fingerprint(path)}-{ev.corpus_hash()}-{__version__}-{lib_id}-{ev.n_seq}-{ev.chunk}"
 
     def cached_run(cfg: EvalConfig) -> EvalResult:
         f = None

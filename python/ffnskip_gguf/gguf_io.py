@@ -68,7 +68,7 @@ def copy_gguf(
         writer = GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
         align = reader.fields.get("general.alignment")
         if align is not None:
-            writer.data_alignment = int(align.contents())
+            writer.add_custom_alignment(int(align.contents()))
         for field in reader.fields.values():
             name = field.name
             if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment"):

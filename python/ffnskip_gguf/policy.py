@@ -32,6 +32,7 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "ffn_remove_layers": ("ffn_skip.remove_layers", "remove"),
 }
 GGUF_KEY_VERSION = "ffn_skip.version"
+_F32_MAX = 3.4028234663852886e38
 MODES = {"off": _lib.FFNSKIP_MODE_OFF, "adaptive": _lib.FFNSKIP_MODE_ADAPTIVE, "static": _lib.FFNSKIP_MODE_STATIC}
 
 
@@ -107,8 +108,8 @@ def validate(name: str, value: Any, n_layer: int) -> Any:
             raise ValueError(f"{name} must be a float or a list of {n_layer} floats, got {value!r}")
         if isinstance(value, numbers.Real):
             v = float(value)
-            if not math.isfinite(v):
-                raise ValueError(f"{name} must be finite, got {v}")
+            if not math.isfinite(v) or abs(v) > _F32_MAX:
+                raise ValueError(f"{name} must be a finite float32, got {v}")
             return v
         try:
             vals = [float(x) for x in value]
@@ -116,9 +117,9 @@ def validate(name: str, value: Any, n_layer: int) -> Any:
             raise ValueError(f"{name} must be a float or a list of {n_layer} floats, got {value!r}") from None
         if len(vals) != n_layer:
             raise ValueError(f"{name} has {len(vals)} values, the model has {n_layer} layers")
-        bad = [i for i, x in enumerate(vals) if not math.isfinite(x)]
+        bad = [i for i, x in enumerate(vals) if not math.isfinite(x) or abs(x) > _F32_MAX]
         if bad:
-            raise ValueError(f"{name}[{bad[0]}] must be finite, got {vals[bad[0]]}")
+            raise ValueError(f"{name}[{bad[0]}] must be a finite float32, got {vals[bad[0]]}")
         return vals
     if name in ("ffn_skip_exclude", "ffn_remove_layers"):
         if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset, tuple)) and not hasattr(value, "__iter__"):

@@ -36,12 +36,13 @@ class Runner:
         cb: optional eval callback (ggml_backend_sched_eval_callback signature).
         n_threads: CPU threads (default: the CPUs this process may use; llama.cpp's
             own default of 4 oversubscribes small machines).
+        flash_attn: None = llama.cpp's default (auto: on for the CPU backend), True, False.
     Raises:
         RuntimeError: the model or context could not be created.
     """
 
     def __init__(self, path: str, *, n_ctx: int = 1024, n_batch: int = 256, n_seq_max: int = 1, cb=None,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, flash_attn: bool | None = None):
         mp = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
@@ -56,6 +57,8 @@ class Runner:
         cp.n_threads = n_threads
         cp.n_threads_batch = n_threads
         cp.no_perf = False
+        if flash_attn is not None:
+            cp.flash_attn_type = 1 if flash_attn else 0
         self._cb = None
         if cb is not None:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(cb)

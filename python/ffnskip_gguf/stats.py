@@ -44,7 +44,7 @@ class FfnSkipStats:
 
 def from_c(st, reason: str, mode: str) -> FfnSkipStats:
     """Build FfnSkipStats from a ``_lib.ffnskip_stats`` struct."""
-    L = int(st.n_layer)
+    L = min(int(st.n_layer), len(st.run))
     skipped = [int(st.skipped[j]) for j in range(L)]
     run = [int(st.run[j]) for j in range(L)]
     cos = [(st.cos_sum[j] / st.cos_count[j]) if st.cos_count[j] else None for j in range(L)]
