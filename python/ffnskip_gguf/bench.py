@@ -112,6 +112,12 @@ def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5,
     FFN blocks (the layers the gate skipped most). Returns a dict with the
     rows, prefill tok/s (gate on vs off), the FFN byte share and settings.
     """
+    if repeats < 1 or n_decode < 1 or n_prompt < 1 or n_prefill < 1:
+        raise ValueError("repeats, n_decode, n_prompt and n_prefill must be >= 1")
+    for t in targets:
+        if not 0.0 < t < 1.0:
+            raise ValueError(f"target skip ratios must be in (0, 1), got {t}")
+    check_model_file(path, prefixes=())
     r = Runner(str(path), n_ctx=max(1024, n_prefill + 8, n_prompt + n_decode + 8), n_batch=max(256, n_prefill),
                n_threads=n_threads)
     L = r.n_layer
@@ -148,7 +154,7 @@ def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5,
         dense_s = None
         for c in configs:
             r.set_policy(**c.kwargs)
-            _decode_run(r, tokens, n_prompt, 4)  # graph built, caches warm
+            _decode_run(r, tokens, n_prompt, min(4, n_decode))  # graph built, caches warm
             r.reset_stats()
             dt = _decode_run(r, tokens, n_prompt, n_decode)
             skip[c.name] = r.stats().skip_ratio

@@ -50,6 +50,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from . import Llama
     from .models import resolve_model
 
+    if not a.prompt and not a.chat:
+        raise ValueError("--prompt must not be empty")
+    if a.max_tokens < 1:
+        raise ValueError("--max-tokens must be >= 1")
     path = resolve_model(a.model)
     from .runner import _default_threads
 
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return a.func(a)
-    except (ModelFileError, ValueError) as e:
+    except (ModelFileError, ValueError, OSError, RuntimeError) as e:
         print(f"ffnskip-gguf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

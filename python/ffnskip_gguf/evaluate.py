@@ -124,14 +124,17 @@ def parse_config(spec: str, n_layer: int, file_settings: dict | None = None) -> 
             k = k.strip()
             if k not in _GATE_KEYS:
                 raise ValueError(f"unknown gate setting {k!r} in {spec!r} (known: {', '.join(_GATE_KEYS)})")
-            if k in ("exclude", "remove"):
-                val: Any = [int(x) for x in v.split("+") if x]
-            elif k in ("threshold", "tau"):
-                val = float(v)
-            elif k == "continue":
-                val = v.strip().lower() in ("1", "true", "yes", "on")
-            else:
-                val = int(v)
+            try:
+                if k in ("exclude", "remove"):
+                    val: Any = [int(x) for x in v.split("+") if x]
+                elif k in ("threshold", "tau"):
+                    val = float(v)
+                elif k == "continue":
+                    val = v.strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    val = int(v)
+            except ValueError:
+                raise ValueError(f"gate setting {k}={v!r} in {spec!r} is not a valid value") from None
             if k == "cold":
                 s["ffn_skip_cold_start"] = s["ffn_skip_cold_end"] = val
             else:
@@ -181,6 +184,10 @@ class Evaluator:
                  n_seq: int = 16, prompts: list[str] | None = None, qa: list[dict] | None = None,
                  gen_tokens: int = 64, qa_tokens: int = 24, max_tokens: int | None = None,
                  n_threads: int | None = None, progress: bool = True, seed: int = 0):
+        if chunk < prefill + 2 or prefill < 1:
+            raise ValueError(f"chunk ({chunk}) must exceed prefill ({prefill}) by at least 2, prefill >= 1")
+        if not 1 <= n_seq <= 64:
+            raise ValueError(f"n_seq must be in [1, 64], got {n_seq}")
         self.path = str(path)
         self.chunk, self.prefill, self.n_seq = chunk, prefill, n_seq
         self.gen_tokens, self.qa_tokens = gen_tokens, qa_tokens
@@ -442,9 +449,18 @@ def evaluate(path: str | Path, specs: list[str], *, out_dir: str | Path | None =
     measured skip ratio. Results are cached per (model fingerprint,
     configuration, corpus) in ``cache_dir`` so an interrupted run resumes.
     Writes results.json, results.md and quality_vs_skip.png to ``out_dir``."""
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)  # fail now, not after the evaluation
     ev = Evaluator(path, **evaluator_kw)
     L = ev.L
-    cfgs = [parse_config(s, L, file_settings) for s in specs]
+    try:
+        cfgs = [parse_config(s, L, file_settings) for s in specs]
+        for c in cfgs:  # validate every setting before the first (long) pass
+            if c.method == "gate":
+                policy.resolve("adaptive", L, {}, c.settings)
+    except ValueError:
+        ev.close()
+        raise
     if not any(c.method == "dense" for c in cfgs):
         cfgs.insert(0, EvalConfig("dense", "dense"))
     cfgs.sort(key=lambda c: c.method != "dense")

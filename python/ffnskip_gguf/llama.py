@@ -75,6 +75,10 @@ class Llama(llama_cpp.Llama):
         ffn_remove_layers: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
+        unknown = [k for k in kwargs if k.startswith(("ffn_skip", "ffn_remove"))]
+        if unknown:
+            raise ValueError(f"unknown FFN-skip setting(s): {', '.join(sorted(unknown))} "
+                             f"(known: ffn_skip, {', '.join(policy.KEYWORDS)})")
         info = check_model_file(model_path)
         n_layer = info.n_layer
         if n_layer < 1:

@@ -24,6 +24,7 @@ from .errors import ModelFileError, ModelIsDirectoryError, ModelNotFoundError
 
 GGUF_MAGIC = b"GGUF"
 _HEADER_BYTES = 24  # magic, version, tensor count, kv count
+LLAMA_MAX_LAYERS = 512  # src/llama-hparams.h of the pin: more aborts the native loader
 
 _SCALAR_CTYPES = {
     GGUFValueType.UINT8: ctypes.c_uint8,
@@ -109,7 +110,13 @@ def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_
         ModelFileError: not a GGUF file, malformed header or metadata, or
             truncated (tensor data past the end of the file).
     """
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
     p = Path(os.fspath(path)).expanduser()
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ModelFileError(f"model path is not valid UTF-8 (llama.cpp needs a UTF-8 path): {p!r}") from None
     if not p.exists():
         raise ModelNotFoundError(f"model file not found: {p}")
     if p.is_dir():
@@ -142,10 +149,25 @@ def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_
                 arch = _read_value(g, kid).value
             if prefixes and key.startswith(prefixes):
                 values[key] = _read_value(g, kid)
+        problem = None
         if arch:
-            kid = _lib.gguf_find_key(g, f"{arch}.block_count".encode())
-            if kid >= 0 and _lib.gguf_get_kv_type(g, kid) in (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64):
-                n_layer = int(_read_value(g, kid).value)
+            key = f"{arch}.block_count"
+            kid = _lib.gguf_find_key(g, key.encode())
+            if kid >= 0:
+                t = _lib.gguf_get_kv_type(g, kid)
+                if t not in (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64,
+                             GGUFValueType.INT64, GGUFValueType.UINT16, GGUFValueType.INT16):
+                    problem = f"{key} has type {GGUFValueType(t).name}, expected an integer"
+                else:
+                    n_layer = int(_read_value(g, kid).value)
+                    if not 1 <= n_layer <= LLAMA_MAX_LAYERS:
+                        problem = f"{key}={n_layer} is outside [1, {LLAMA_MAX_LAYERS}]"
+            key = f"{arch}.attention.layer_norm_rms_epsilon"
+            kid = _lib.gguf_find_key(g, key.encode())
+            if kid >= 0 and _lib.gguf_get_kv_type(g, kid) == GGUFValueType.FLOAT32:
+                eps = float(_read_value(g, kid).value)
+                if not (eps >= 0.0 and eps < float("inf")):
+                    problem = f"{key}={eps} must be a finite value >= 0"
         data_offset = _lib.gguf_get_data_offset(g)
         end = data_offset
         tensor_bytes = {}
@@ -162,5 +184,7 @@ def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_
         )
     if not arch:
         raise ModelFileError(f"GGUF file has no general.architecture key, not a model: {p}")
+    if problem:
+        raise ModelFileError(f"invalid GGUF metadata: {problem}: {p}")
     return ModelInfo(path=p.resolve(), size=size, architecture=arch, n_layer=n_layer, values=values,
                      tensor_bytes=tensor_bytes)

@@ -107,13 +107,21 @@ def validate(name: str, value: Any, n_layer: int) -> Any:
         if isinstance(value, (str, bytes)) or isinstance(value, bool):
             raise ValueError(f"{name} must be a float or a list of {n_layer} floats, got {value!r}")
         if isinstance(value, numbers.Real):
-            v = float(value)
+            try:
+                v = float(value)
+            except OverflowError:
+                raise ValueError(f"{name} must be a finite float32, got {value!r}") from None
             if not math.isfinite(v) or abs(v) > _F32_MAX:
                 raise ValueError(f"{name} must be a finite float32, got {v}")
             return v
+        if isinstance(value, (dict, set, frozenset)) or not hasattr(value, "__iter__"):
+            raise ValueError(f"{name} must be a float or a list of {n_layer} floats, got {value!r}")
         try:
-            vals = [float(x) for x in value]
-        except (TypeError, ValueError):
+            items = list(value)
+            if any(isinstance(x, (str, bytes, bool)) or not isinstance(x, numbers.Real) for x in items):
+                raise TypeError
+            vals = [float(x) for x in items]
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be a float or a list of {n_layer} floats, got {value!r}") from None
         if len(vals) != n_layer:
             raise ValueError(f"{name} has {len(vals)} values, the model has {n_layer} layers")
@@ -122,7 +130,7 @@ def validate(name: str, value: Any, n_layer: int) -> Any:
             raise ValueError(f"{name}[{bad[0]}] must be a finite float32, got {vals[bad[0]]}")
         return vals
     if name in ("ffn_skip_exclude", "ffn_remove_layers"):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, set, frozenset, tuple)) and not hasattr(value, "__iter__"):
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
             raise ValueError(f"{name} must be a list of layer indices, got {value!r}")
         out = []
         for x in value:
@@ -133,7 +141,14 @@ def validate(name: str, value: Any, n_layer: int) -> Any:
             out.append(int(x))
         return sorted(set(out))
     if name == "ffn_skip_continue":
-        if not isinstance(value, (bool, int)) or (_is_int(value) and value not in (0, 1)):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.bool_):
+                return bool(value)
+        except ImportError:  # pragma: no cover
+            pass
+        if not isinstance(value, (bool, numbers.Integral)) or (_is_int(value) and value not in (0, 1)):
             raise ValueError(f"{name} must be a bool, got {value!r}")
         return bool(value)
     lo = {"ffn_skip_cold_start": 0, "ffn_skip_cold_end": 0, "ffn_skip_max_skip": 0,
@@ -180,6 +195,11 @@ def read_file_settings(values: Mapping[str, Any], n_layer: int) -> dict[str, Any
             out[kw] = validate(kw, v, n_layer)
         except ValueError as e:
             raise MetadataError(f"GGUF key {key}: {e}") from None
+    cs = out.get("ffn_skip_cold_start")
+    ce = out.get("ffn_skip_cold_end")
+    if cs is not None and ce is not None and cs + ce > n_layer:
+        raise MetadataError(f"GGUF keys ffn_skip.cold_start={cs} + ffn_skip.cold_end={ce} exceed the model's "
+                            f"{n_layer} layers (cold regions overlap)")
     return out
 
 
@@ -227,8 +247,10 @@ def resolve(mode: str, n_layer: int, file_settings: Mapping[str, Any], arguments
             sources[k] = layer_name
     cs, ce = merged["ffn_skip_cold_start"], merged["ffn_skip_cold_end"]
     if cs + ce > n_layer:
+        src = f" (from: cold_start {sources['ffn_skip_cold_start']}, cold_end {sources['ffn_skip_cold_end']})"
         raise ValueError(
-            f"ffn_skip_cold_start={cs} + ffn_skip_cold_end={ce} exceed the model's {n_layer} layers (cold regions overlap)"
+            f"ffn_skip_cold_start={cs} + ffn_skip_cold_end={ce} exceed the model's {n_layer} layers "
+            f"(cold regions overlap){src}"
         )
     return FfnSkipSettings(
         mode=mode, n_layer=n_layer,

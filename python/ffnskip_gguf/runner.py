@@ -37,14 +37,18 @@ class Runner:
         n_threads: CPU threads (default: the CPUs this process may use; llama.cpp's
             own default of 4 oversubscribes small machines).
         flash_attn: None = llama.cpp's default (auto: on for the CPU backend), True, False.
+        verbose: show llama.cpp's loading log (stderr).
     Raises:
         RuntimeError: the model or context could not be created.
     """
 
     def __init__(self, path: str, *, n_ctx: int = 1024, n_batch: int = 256, n_seq_max: int = 1, cb=None,
-                 n_threads: int | None = None, flash_attn: bool | None = None):
+                 n_threads: int | None = None, flash_attn: bool | None = None, verbose: bool = False):
+        from llama_cpp._utils import suppress_stdout_stderr
+
         mp = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        with suppress_stdout_stderr(disable=verbose):
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         cp = llama_cpp.llama_context_default_params()
@@ -63,7 +67,8 @@ class Runner:
         if cb is not None:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(cb)
             cp.cb_eval = self._cb
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        with suppress_stdout_stderr(disable=verbose):
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             self.model = None
@@ -74,19 +79,31 @@ class Runner:
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
 
+    def _check(self):
+        if not getattr(self, "ctx", None):
+            raise RuntimeError("this Runner has been closed")
+
+    def _check_token(self, tok: int) -> int:
+        tok = int(tok)
+        if not 0 <= tok < self.n_vocab:
+            raise ValueError(f"token id {tok} outside [0, {self.n_vocab})")
+        return tok
+
     def close(self):
-        if self.ctx:
+        if getattr(self, "ctx", None):
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
-        if self.model:
+        if getattr(self, "model", None):
             llama_cpp.llama_model_free(self.model)
             self.model = None
 
     def __del__(self):
-        self.close()
+        if "ctx" in self.__dict__ and "model" in self.__dict__:
+            self.close()
 
     def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of ``text`` (``bos``: prepend BOS; ``special``: parse special tokens)."""
+        self._check()
         raw = text.encode()
         buf = (llama_cpp.llama_token * (len(raw) + 16))()
         n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos, special)
@@ -95,23 +112,29 @@ class Runner:
         return list(buf[:n])
 
     def token_text(self, tok: int) -> str:
+        self._check()
+        tok = self._check_token(tok)
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, False)
         return buf.raw[: max(n, 0)].decode("utf-8", "replace")
 
     def detokenize(self, toks: list[int]) -> str:
+        self._check()
         out = b""
         buf = ctypes.create_string_buffer(256)
         for t in toks:
+            t = self._check_token(t)
             n = llama_cpp.llama_token_to_piece(self.vocab, t, buf, len(buf), 0, False)
             out += buf.raw[: max(n, 0)]
         return out.decode("utf-8", "replace")
 
     def is_eog(self, tok: int) -> bool:
+        self._check()
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, tok))
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value of the loaded model as a string, or None."""
+        self._check()
         buf = ctypes.create_string_buffer(1 << 16)
         n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         if n < 0:
@@ -131,16 +154,19 @@ class Runner:
         return s
 
     def apply(self, s: policy.FfnSkipSettings) -> None:
+        self._check()
         p = policy.to_c(s)
         err = ctypes.create_string_buffer(256)
         if _lib.ffnskip_set_params(self.ctx, ctypes.byref(p), err, 256) != 0:
             raise ValueError(err.value.decode())
 
     def reset_stats(self) -> None:
+        self._check()
         _lib.ffnskip_reset_stats(self.ctx)
 
     def clear(self):
         """Forget every sequence (KV cache)."""
+        self._check()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
     def decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
@@ -150,6 +176,7 @@ class Runner:
 
         Raises ValueError for a bad sequence id, RuntimeError when llama_decode fails.
         """
+        self._check()
         rows = []
         for start in range(0, len(items), self.n_batch):
             rows.extend(self._decode_batch(items[start:start + self.n_batch]))
@@ -164,7 +191,7 @@ class Runner:
             for i, (tok, pos, seq, out) in enumerate(items):
                 if not 0 <= seq < self.n_seq_max:
                     raise ValueError(f"sequence id {seq} outside [0, {self.n_seq_max})")
-                batch.token[i] = tok
+                batch.token[i] = self._check_token(tok)
                 batch.pos[i] = pos
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = seq
@@ -183,6 +210,7 @@ class Runner:
         return rows
 
     def trace(self):
+        self._check()
         n = _lib.ffnskip_get_trace(self.ctx, None, None, 0)
         dec = np.zeros((n, self.n_layer), dtype=np.uint8)
         cos = np.zeros((n, self.n_layer), dtype=np.float32)
@@ -192,16 +220,20 @@ class Runner:
         return dec, cos
 
     def stats(self) -> FfnSkipStats:
+        self._check()
         st = _lib.ffnskip_stats()
         _lib.ffnskip_get_stats(self.ctx, ctypes.byref(st))
         return from_c(st, "", "")
 
     def n_reused(self) -> int:
+        self._check()
         return llama_cpp.llama_perf_context(self.ctx).n_reused
 
     def greedy(self, prompt_tokens: list[int], n_new: int, seq: int = 0):
         """Prefill (dense), then n_new single-token decodes. Returns tokens,
         the logits of each decode step, and the trace of each step."""
+        if not prompt_tokens:
+            raise ValueError("greedy needs at least one prompt token")
         self.clear()
         logits = self.decode([(t, i, seq, i == len(prompt_tokens) - 1) for i, t in enumerate(prompt_tokens)])
         toks = list(prompt_tokens)
