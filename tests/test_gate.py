@@ -91,6 +91,14 @@ def test_gate_matches_the_callback_oracle(request, model, arch):
         assert _first_disagreement_is_at_threshold(s, gdec, odec, ocos)
 
 
+def _forcing(forced, L):
+    """Policy that skips exactly the FFNs of ``forced`` on every token: no cold
+    regions, every other layer excluded, tau below any cosine, no runs."""
+    return dict(ffn_skip_cold_start=0, ffn_skip_cold_end=0, ffn_skip_threshold=-2.0,
+                ffn_skip_exclude=[j for j in range(L) if j not in forced], ffn_skip_max_skip=L,
+                ffn_skip_max_runs=L, ffn_skip_continue=False, ffn_skip_warmup=0)
+
+
 def _zeroed_down_copy(src, dst, layers):
     names = {f"blk.{j}.ffn_down.weight" for j in layers}
     return copy_gguf(src, dst, tensor_data=lambda n, d: np.zeros_like(d) if n in names else d)
@@ -107,9 +115,7 @@ def test_forced_skip_equals_zeroed_ffn_down(smollm2_path, tmp_path):
     zeroed = Runner(str(_zeroed_down_copy(smollm2_path, tmp_path / "zeroed.gguf", forced)))
     zeroed.set_policy(False)
     g = Runner(smollm2_path)
-    g.set_policy(True, ffn_skip_cold_start=0, ffn_skip_cold_end=0, ffn_skip_threshold=-2.0,
-                 ffn_skip_exclude=[j for j in range(L) if j not in forced], ffn_skip_max_skip=L,
-                 ffn_skip_max_runs=L, ffn_skip_continue=False, ffn_skip_warmup=0)
+    g.set_policy(True, **_forcing(forced, L))
     tokens = g.tokenize(PROSE)
     a = _decode_one_by_one(g, tokens)
     b = _decode_one_by_one(zeroed, tokens)
@@ -369,9 +375,7 @@ def test_f16_and_f32_ffn_weights_skip_exactly(smollm2_path, tmp_path):
     dense = _decode_one_by_one(g, tokens)
     g.set_policy(True, ffn_skip_threshold=2.0, ffn_skip_warmup=0)
     assert np.array_equal(_decode_one_by_one(g, tokens).view(np.uint32), dense.view(np.uint32))
-    g.set_policy(True, ffn_skip_cold_start=0, ffn_skip_cold_end=0, ffn_skip_threshold=-2.0,
-                 ffn_skip_exclude=[j for j in range(L) if j not in forced], ffn_skip_max_skip=L,
-                 ffn_skip_max_runs=L, ffn_skip_continue=False, ffn_skip_warmup=0)
+    g.set_policy(True, **_forcing(forced, L))
     a = _decode_one_by_one(g, tokens)
     b = _decode_one_by_one(z, tokens)
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
@@ -424,9 +428,7 @@ def test_ffn_with_bias_is_masked_to_exact_zero(smollm2_path, tmp_path):
     g = Runner(str(_ffn_down_bias_copy(smollm2_path, tmp_path / "bias.gguf")))
     z = Runner(str(_ffn_down_bias_copy(smollm2_path, tmp_path / "bias-zeroed.gguf", forced)))
     z.set_policy(False)
-    g.set_policy(True, ffn_skip_cold_start=0, ffn_skip_cold_end=0, ffn_skip_threshold=-2.0,
-                 ffn_skip_exclude=[j for j in range(L) if j not in forced], ffn_skip_max_skip=L,
-                 ffn_skip_max_runs=L, ffn_skip_continue=False, ffn_skip_warmup=0)
+    g.set_policy(True, **_forcing(forced, L))
     tokens = g.tokenize(PROSE)[:10]
     a = _decode_one_by_one(g, tokens)
     b = _decode_one_by_one(z, tokens)

@@ -95,9 +95,7 @@ def gate_kwargs(n_layer: int, target: float) -> dict:
     round(5 L / 32) cold layers each side (fewer when the target needs the
     room), continuation, one run, k = round(target x L), warm-up 0."""
     k = max(1, round(target * n_layer))
-    cold = max(1, round(5 * n_layer / 32))
-    while n_layer - 2 * cold < k and cold > 1:
-        cold -= 1
+    cold = policy.paper_cold(n_layer, k)
     return dict(ffn_skip_threshold=0.95, ffn_skip_cold_start=cold, ffn_skip_cold_end=cold,
                 ffn_skip_max_skip=k, ffn_skip_max_runs=1, ffn_skip_continue=True, ffn_skip_warmup=0)
 

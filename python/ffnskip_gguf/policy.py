@@ -59,11 +59,21 @@ def defaults(n_layer: int) -> dict[str, Any]:
     }
 
 
+def paper_cold(n_layer: int, k: int = 0) -> int:
+    """Cold layers each side of the paper's recipe: round(5 L / 32), at least 1
+    (5 of 32 on LLaMa, arXiv 2404.03865 section 4), reduced while the middle
+    region is smaller than ``k`` (room for a run of k skips)."""
+    cold = max(1, _round_half_up(5 * n_layer / 32))
+    while n_layer - 2 * cold < k and cold > 1:
+        cold -= 1
+    return cold
+
+
 def paper_preset(n_layer: int) -> dict[str, Any]:
     """FFN-SkipLLM's recipe (arXiv 2404.03865, section 4): tau = 0.95 on every
     middle layer, round(5 L / 32) cold layers each side (5 of 32 on LLaMa),
     run continuation, one run, k = round(0.25 L) (25% skip budget)."""
-    cold = max(1, _round_half_up(5 * n_layer / 32))
+    cold = paper_cold(n_layer)
     return {
         "ffn_skip_threshold": 0.95,
         "ffn_skip_cold_start": cold,
