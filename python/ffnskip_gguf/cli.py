@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -213,7 +212,107 @@ def _register_models(sub) -> None:
     m.set_defaults(func=cmd_models)
 
 
-_EXTRA_COMMANDS: list = [_register_bench, _register_eval, _register_models]
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from .calibrate import calibrate, format_summary
+    from .models import resolve_model
+
+    if a.target_skip is not None and a.quality_budget is not None:
+        raise ValueError("give --target-skip or --quality-budget, not both")
+    path = resolve_model(a.model)
+    res = calibrate(path, a.output, quality_budget=a.quality_budget, target_skip=a.target_skip,
+                    corpus_files=a.corpus, tokens=a.tokens, held_out_tokens=a.held_out_tokens,
+                    report_dir=a.report, progress=not a.quiet, n_threads=a.threads)
+    print(format_summary(res))
+    print(f"written: {a.output}" + (f"; report: {a.report}/calibration.json, calibration.png" if a.report else ""))
+    return 0
+
+
+def _register_calibrate(sub) -> None:
+    c = sub.add_parser("calibrate", help="measure FFN-skip settings for a model and store them in a GGUF copy")
+    c.add_argument("model", help="model name or .gguf path")
+    c.add_argument("-o", "--output", required=True, help="calibrated GGUF to write (not the input)")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--quality-budget", type=float, default=None,
+                   help="largest allowed relative increase of held-out perplexity (default 0.05)")
+    g.add_argument("--target-skip", type=float, default=None, help="skip ratio to reach with the best quality")
+    c.add_argument("--corpus", nargs="+", help="text files instead of the shipped calibration corpus")
+    c.add_argument("--tokens", type=int, default=3072, help="scored tokens of the search split (default 3072)")
+    c.add_argument("--held-out-tokens", type=int, default=2048, help="scored held-out tokens (default 2048)")
+    c.add_argument("--report", help="directory for calibration.json and calibration.png")
+    c.add_argument("--threads", type=int)
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.set_defaults(func=cmd_calibrate)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .inspection import format_inspect, inspect_model
+    from .models import resolve_model
+
+    print(format_inspect(inspect_model(resolve_model(a.model))))
+    return 0
+
+
+def _register_inspect(sub) -> None:
+    i = sub.add_parser("inspect", help="architecture, layers, FFN share of decode weight bytes, calibration")
+    i.add_argument("model", help="model name or .gguf path")
+    i.set_defaults(func=cmd_inspect)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .models import resolve_model
+    from .server import serve
+
+    if not 0 < a.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {a.port}")
+    path = resolve_model(a.model)
+    print(f"serving {path} on http://{a.host}:{a.port}/v1 (FFN skip stats: /ffn_skip/stats)", file=sys.stderr,
+          flush=True)
+    serve(str(path), host=a.host, port=a.port, ffn_kwargs=skip_kwargs(a), n_ctx=a.n_ctx, n_threads=a.threads,
+          seed=a.seed, verbose=a.verbose, api_key=a.api_key, chat_format=a.chat_format)
+    return 0
+
+
+def _register_serve(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (llama-cpp-python's) with FFN skipping")
+    s.add_argument("--model", "-m", default="smollm2-135m", help="model name or .gguf path")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--n-ctx", type=int, default=2048)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the model's template)")
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--verbose", action="store_true")
+    _add_skip_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_soak(a: argparse.Namespace) -> int:
+    from .models import resolve_model
+    from .soak import soak
+
+    if a.steps < 1:
+        raise ValueError("--steps must be >= 1")
+    res = soak(str(resolve_model(a.model)), steps=a.steps, n_seq=a.n_seq, n_ctx=a.n_ctx, n_threads=a.threads)
+    print(f"steps {res.steps}, tokens {res.tokens}, context shifts {res.shifts}, resets {res.resets}, "
+          f"decode tokens {res.decode_tokens}, skip ratio {res.skip_ratio:.3f}, {res.seconds:.0f} s")
+    print(f"RSS: start {res.rss_start_mib:.0f} MiB, after 200 steps {res.rss_after_warmup_mib:.0f} MiB, "
+          f"end {res.rss_end_mib:.0f} MiB")
+    return 0
+
+
+def _register_soak(sub) -> None:
+    s = sub.add_parser("soak", help="long decode run with skipping, context shifts and resets; RSS and stats checks")
+    s.add_argument("--model", "-m", default="smollm2-135m")
+    s.add_argument("--steps", type=int, default=20000)
+    s.add_argument("--n-seq", type=int, default=4)
+    s.add_argument("--n-ctx", type=int, default=1024)
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_soak)
+
+
+_EXTRA_COMMANDS: list = [_register_bench, _register_eval, _register_calibrate, _register_inspect, _register_serve,
+                          _register_soak, _register_models]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -278,11 +278,31 @@ class Evaluator:
 
     # metrics
     def _perplexity(self, step_hook) -> tuple[float, int]:
+        nll, _ = self.score(self.chunks, step_hook)
+        return float(nll.mean()) if len(nll) else 0.0, len(nll)
+
+    def score(self, chunks: list[list[int]], step_hook=None,
+              after_decode: Callable[[Runner], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced scoring of ``chunks`` under the policy in effect.
+
+        Every chunk's first ``prefill`` tokens are its prompt (one ubatch,
+        dense), every later token is decoded alone for its sequence, up to
+        ``n_seq`` sequences per ``llama_decode`` (the gate acts as in
+        generation). ``step_hook`` runs before every decode step (random
+        baseline), ``after_decode(runner)`` after every decode of gated tokens
+        (calibration reads the per-token trace there).
+
+        Returns (nll, argmax): float64 and int32 arrays of equal length, one
+        entry per scored token in a fixed order (chunk group, position,
+        sequence): the negative log-likelihood (nats) of the next token and the
+        model's top-1 prediction for it.
+        """
         r, P = self.r, self.prefill
-        nll_sum, n = 0.0, 0
-        bar = self._bar(sum(len(c) - P for c in self.chunks), "perplexity")
-        for g in range(0, len(self.chunks), self.n_seq):
-            group = self.chunks[g:g + self.n_seq]
+        nlls: list[np.ndarray] = []
+        tops: list[np.ndarray] = []
+        bar = self._bar(sum(len(c) - P for c in chunks), "perplexity")
+        for g in range(0, len(chunks), self.n_seq):
+            group = chunks[g:g + self.n_seq]
             r.clear()
             items = [(tok, i, s, i == P - 1) for s, c in enumerate(group) for i, tok in enumerate(c[:P])]
             logits = r.decode(items)
@@ -294,8 +314,8 @@ class Evaluator:
                 m = rows.max(axis=1, keepdims=True)
                 lse = (m[:, 0] + np.log(np.exp(rows - m).sum(axis=1)))
                 tgt = rows[np.arange(len(active)), [group[s][i] for s in active]]
-                nll_sum += float((lse - tgt).sum())
-                n += len(active)
+                nlls.append(lse - tgt)
+                tops.append(rows.argmax(axis=1).astype(np.int32))
                 if step_hook:
                     step_hook()
                 active_next = [s for s in active if i + 1 < len(group[s])]
@@ -304,11 +324,15 @@ class Evaluator:
                 if not active_next:
                     continue
                 out = r.decode([(group[s][i], i, s, True) for s in active_next])
+                if after_decode is not None:
+                    after_decode(r)
                 for q, s in enumerate(active_next):
                     last[s] = out[q]
         if bar:
             bar.close()
-        return nll_sum / max(n, 1), n
+        if not nlls:
+            return np.zeros(0), np.zeros(0, dtype=np.int32)
+        return np.concatenate(nlls), np.concatenate(tops)
 
     def _greedy_parallel(self, prompt_toks: list[list[int]], n_new: int, step_hook, stop_eog: bool,
                          desc: str) -> list[list[int]]:

@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from gguf import GGUFValueType
 
@@ -32,6 +32,7 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "ffn_remove_layers": ("ffn_skip.remove_layers", "remove"),
 }
 GGUF_KEY_VERSION = "ffn_skip.version"
+GGUF_VERSION = 1  # layout of the ffn_skip.* keys this library reads (calibrate writes it)
 _F32_MAX = 3.4028234663852886e38
 MODES = {"off": _lib.FFNSKIP_MODE_OFF, "adaptive": _lib.FFNSKIP_MODE_ADAPTIVE, "static": _lib.FFNSKIP_MODE_STATIC}
 
@@ -185,6 +186,13 @@ def read_file_settings(values: Mapping[str, Any], n_layer: int) -> dict[str, Any
     ints = (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
             GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64)
     floats = (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64)
+    gv = values.get(GGUF_KEY_VERSION)
+    if gv is not None:
+        if gv.type not in ints:
+            raise MetadataError(f"GGUF key {GGUF_KEY_VERSION} has type {gv.type.name}, expected an integer")
+        if gv.value != GGUF_VERSION:
+            raise MetadataError(f"GGUF key {GGUF_KEY_VERSION} = {gv.value}: this library reads version "
+                                f"{GGUF_VERSION} (written by another ffnskip-gguf version?)")
     for kw, (key, _) in KEYWORDS.items():
         gv = values.get(key)
         if gv is None:
@@ -278,6 +286,11 @@ def to_c(s: FfnSkipSettings) -> "_lib.ffnskip_params":
     p = _lib.ffnskip_params()
     _lib.ffnskip_params_default(ctypes_byref(p), s.n_layer)
     p.mode = MODES[s.mode]
+    if s.mode == "adaptive" and s.max_skip == 0:
+        # a gate with no budget never fires: static mode makes the same
+        # decisions without gate nodes (a calibration that found no safe
+        # setting, or one that chose static removal, stores max_skip = 0)
+        p.mode = MODES["static"]
     p.cold_start, p.cold_end = s.cold_start, s.cold_end
     p.max_skip, p.max_runs = s.max_skip, s.max_runs
     p.continue_run = 1 if s.continue_run else 0

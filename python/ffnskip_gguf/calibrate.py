@@ -1,0 +1,634 @@
+"""Calibration: measured FFN-skip settings for one model, stored in its GGUF.
+
+``ffnskip-gguf calibrate MODEL -o OUT.gguf`` (issue 5, DESIGN.md section 4).
+The paper (arXiv 2404.03865, section 4) uses one threshold (0.95) and 5 cold
+layers per side for every model. Our measurements (docs/QUALITY.md) show
+why that is not enough: single FFNs in the middle of a model can be fatal
+(Gemma3-270M layer 3), cheap ones are scattered (Qwen2.5-0.5B layers 3, 4, 9,
+10), and single-layer costs do not add up. So calibration *measures
+combinations* on text, teacher-forced, with the gate acting exactly as in
+generation (``Evaluator.score``: one token per sequence per decode).
+
+The rule (every number is a default of ``calibrate``):
+
+1. Corpus: the shipped calibration corpus (``data/calib``, six genres,
+   ~20k tokens; written for the project) or the user's files. It is cut into
+   chunks of ``chunk`` tokens (the first ``prefill`` = the warm-up are the
+   prompt, dense), taken round-robin over the files so every split mixes
+   genres, and split: every third chunk is **held out** (never used to
+   choose), the rest is the **search** split. Caps: ``tokens`` scored search
+   tokens, ``held_out_tokens`` scored held-out tokens.
+2. Profile: a dense pass over the search split (never-firing gate on every
+   layer, bit-identical to dense) records each decode token's cos(h_j, o_j)
+   for every layer (mean, p10, p90 go into the report) and the dense
+   next-token NLL and top-1 prediction every later trial is compared with
+   (paired: the proxy is ``exp(mean(NLL - NLL_dense)) - 1``, the relative
+   perplexity increase, plus top-1 agreement with dense).
+3. Single-layer sensitivity: each layer 1..L-1 skipped alone on every decode
+   token, on a short slice of the search split (``sens_tokens`` scored
+   tokens per chunk). Layer 0 cannot be gated (there is no earlier cosine).
+   Used only to order candidates.
+4. Greedy forward selection of the skipped set S on the search split: at each
+   step the ``width`` cheapest remaining layers (by single cost) are each
+   added to S and the combination is *measured*; the best is kept. Quality
+   budget mode stops at the first set over budget; target mode at
+   ceil(target L) + 1 layers. The cold regions follow from S: cold start =
+   min(S), cold end = L - 1 - max(S); middle layers not in S are excluded
+   (``ffn_skip.exclude``), so harmful layers inside the middle never skip.
+5. Placements of the chosen size, all measured on the search split:
+   ``fixed`` (every decode token skips S; thresholds -2), ``adaptive`` (the
+   cosine gate on the next larger set S' with per-layer thresholds set so
+   that each layer fires on the same overall fraction of tokens: tau_j is
+   the (1 - f) quantile of c_last at layer j, simulated on the profile, with
+   continuation off and one run per skipped layer) and ``static`` (the FFNs
+   of S removed from the graph, prefill included: ``ffn_skip.remove_layers``).
+   In quality-budget mode the adaptive gate also gets a chance at a larger
+   fraction between n and n + 1 layers. The best within budget (budget mode:
+   the largest skip ratio, then the lowest proxy; target mode: the lowest
+   proxy) is chosen.
+6. Held-out check: the chosen settings, the other placements and the
+   paper's recipe at the same k are measured on the held-out split; those
+   numbers are the ones stored and reported. In budget mode, if the chosen
+   settings exceed the budget on held-out text, the next smaller candidate is
+   checked (at most ``backoff`` times); failing all, the answer is 0%.
+
+A model with no setting within budget gets ``ffn_skip.max_skip = 0``: with
+``ffn_skip=True`` it decodes dense (the honest answer, with the measurement
+in the report and the provenance keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType
+
+from . import __version__, policy
+from ._pin import LLAMA_CPP_PYTHON_VERSION
+from .evaluate import Evaluator
+from .metadata import check_model_file
+
+DEFAULT_BUDGET = 0.05    # issue 5: 5% relative perplexity increase
+WARMUP = 32              # DESIGN.md section 5 default (positions)
+ALWAYS, NEVER = -2.0, 1.0  # thresholds: c_last > -2 always holds, c_last > 1 never
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run on this model or input (unsupported architecture,
+    corpus too small, invalid target)."""
+
+
+def default_calibration_corpus() -> list[str]:
+    """The shipped calibration corpus (``data/calib/*.txt``): narrative,
+    dialogue, encyclopedic, news and how-to, code, explainers; ~14.8k words,
+    ~20k tokens; written for the project, disjoint from the eval corpus."""
+    d = files("ffnskip_gguf").joinpath("data/calib")
+    return [d.joinpath(n).read_text() for n in sorted(p.name for p in d.iterdir() if p.name.endswith(".txt"))]
+
+
+@dataclass
+class Trial:
+    """One configuration measured on one split.
+
+    ppl_increase: exp(mean(NLL - NLL_dense)) - 1 over the split's scored tokens.
+    top1: fraction of scored tokens whose top-1 prediction equals dense's.
+    skip_ratio: skipped FFNs / (L x decode tokens) (DESIGN.md section 3).
+    """
+
+    name: str
+    placement: str          # fixed | adaptive | static | paper | dense | none
+    layers: list[int]
+    fraction: float         # adaptive: target fraction of tokens skipping each layer
+    settings: dict
+    split: str
+    skip_ratio: float
+    ppl_increase: float
+    top1: float
+    tokens: int
+    ppl_increase_hi: float = 0.0  # one standard error above (paired per-token NLL differences)
+
+
+@dataclass
+class CalibrationResult:
+    """What ``calibrate`` chose and measured (JSON report, GGUF provenance)."""
+
+    model: str
+    architecture: str
+    n_layer: int
+    mode: str                 # quality_budget | target_skip
+    target: float
+    placement: str            # fixed | adaptive | static | none
+    settings: dict            # Llama keywords
+    held_out: Trial
+    comparisons: list[Trial]  # held-out: other placements, paper recipe
+    path: list[Trial]         # greedy path (search split)
+    trials: list[Trial]       # every search-split trial
+    single_cost: list         # per layer: ppl increase skipping it alone (None: layer 0)
+    profile: dict             # cos_mean / cos_p10 / cos_p90 per layer, dense, search split
+    tokens: dict              # scored tokens per split
+    dense_ppl: dict           # per split
+    corpus_hash: str
+    seconds: dict
+    notes: list[str] = field(default_factory=list)
+    tool: str = ""
+    paper_within_budget: float | None = None  # budget mode: the paper recipe's largest held-out skip ratio within it
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def gguf_kv(self) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:
+        """The ``ffn_skip.*`` keys to store (DESIGN.md sections 4, 5); empty
+        arrays are omitted (not valid GGUF)."""
+        s = self.settings
+        U, I, F, B, S, A = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32,
+                            GGUFValueType.BOOL, GGUFValueType.STRING, GGUFValueType.ARRAY)
+        kv: dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]] = {
+            policy.GGUF_KEY_VERSION: (policy.GGUF_VERSION, U, None),
+        }
+        types = {"ffn_skip_cold_start": U, "ffn_skip_cold_end": U, "ffn_skip_max_skip": U,
+                 "ffn_skip_max_runs": U, "ffn_skip_warmup": U, "ffn_skip_continue": B}
+        for kw, (key, _) in policy.KEYWORDS.items():
+            if kw not in s:
+                continue
+            v = s[kw]
+            if kw == "ffn_skip_threshold":
+                kv[key] = ([float(x) for x in v], A, F) if isinstance(v, list) else (float(v), F, None)
+            elif kw in ("ffn_skip_exclude", "ffn_remove_layers"):
+                if v:
+                    kv[key] = ([int(x) for x in v], A, I)
+            else:
+                kv[key] = (v, types[kw], None)
+        h = self.held_out
+        prov = {
+            "mode": (self.mode, S), "target": (float(self.target), F), "placement": (self.placement, S),
+            "skip_ratio": (float(h.skip_ratio), F), "ppl_increase": (float(h.ppl_increase), F),
+            "top1_agreement": (float(h.top1), F), "tokens": (int(sum(self.tokens.values())), U),
+            "corpus_hash": (self.corpus_hash, S), "tool": (self.tool, S),
+            "comparison": (json.dumps([{"placement": t.placement, "layers": t.layers, "skip_ratio": round(t.skip_ratio, 5),
+                                        "ppl_increase": round(t.ppl_increase, 5), "top1": round(t.top1, 5)}
+                                       for t in [h] + self.comparisons], separators=(",", ":")), S),
+        }
+        for k, (v, t) in prov.items():
+            kv[f"ffn_skip.calibration.{k}"] = (v, t, None)
+        return kv
+
+
+class Calibrator:
+    """Measures FFN-skip settings for one model (the rule: module docstring).
+
+    Args:
+        path: GGUF model (checked with ``metadata.check_model_file``).
+        corpus: texts (default: ``default_calibration_corpus()``).
+        tokens: scored tokens of the search split (cap).
+        held_out_tokens: scored tokens of the held-out split (cap).
+        sens_tokens: scored tokens per chunk in the single-layer pass.
+        chunk, prefill, n_seq: chunk length, dense prompt per chunk (>= the
+            warm-up, 32), sequences decoded in parallel.
+        width: candidates measured per greedy step.
+        progress: tqdm bars and phase messages on stderr.
+    Raises:
+        ModelFileError: not a loadable GGUF; CalibrationError: architecture or
+        backend without the gate, or a corpus too small for both splits.
+    """
+
+    def __init__(self, path, *, corpus: list[str] | None = None, tokens: int = 3072, held_out_tokens: int = 2048,
+                 sens_tokens: int = 32, chunk: int = 224, prefill: int = WARMUP, n_seq: int = 16, width: int = 2,
+                 n_threads: int | None = None, progress: bool = True):
+        if tokens < 16 or held_out_tokens < 16:
+            raise CalibrationError("tokens and held_out_tokens must be at least 16")
+        if width < 1:
+            raise CalibrationError("width must be >= 1")
+        if prefill < WARMUP:
+            raise CalibrationError(f"prefill ({prefill}) must cover the warm-up ({WARMUP} positions)")
+        self.info = check_model_file(path)
+        self.path = str(self.info.path)
+        self.progress = progress
+        self.width = width
+        self.corpus = corpus if corpus is not None else default_calibration_corpus()
+        self.ev = Evaluator(self.path, corpus=[], chunk=chunk, prefill=prefill, n_seq=n_seq,
+                            n_threads=n_threads, progress=progress)
+        self.r = self.ev.r
+        self.L = self.r.n_layer
+        self.P = prefill
+        # supported? (architecture with hooks, layers on a backend with the predicated path)
+        self.r.set_policy(True, ffn_skip_threshold=NEVER)
+        st = self.r.stats()
+        if not st.supported:
+            self.close()
+            raise CalibrationError(f"cannot calibrate {self.path}: FFN skipping is not supported here ({st.reason})")
+        if self.L < 3:
+            self.close()
+            raise CalibrationError(f"cannot calibrate a model with {self.L} layers (need at least 3)")
+        self.search, self.held = self._split(chunk, tokens, held_out_tokens)
+        s_chunk = min(sens_tokens, chunk - prefill)
+        self.sens = [c[:prefill + s_chunk] for c in self.search[:n_seq]]
+
+    def close(self) -> None:
+        self.ev.close()
+
+    # -- data ----------------------------------------------------------------
+
+    def _split(self, chunk: int, tokens: int, held_tokens: int):
+        per_file = []
+        for text in self.corpus:
+            toks = self.r.tokenize(text, bos=True)
+            per_file.append([toks[i:i + chunk] for i in range(0, len(toks), chunk)
+                             if len(toks[i:i + chunk]) >= self.P + 2])
+        # round-robin over the files: every prefix mixes genres
+        order = []
+        for i in range(max((len(f) for f in per_file), default=0)):
+            order.extend(f[i] for f in per_file if i < len(f))
+        search, held, ns, nh = [], [], 0, 0
+        for i, c in enumerate(order):
+            n = len(c) - self.P
+            if i % 3 == 2:
+                if nh < held_tokens:
+                    held.append(c)
+                    nh += n
+            elif ns < tokens:
+                search.append(c)
+                ns += n
+        if not search or not held:
+            raise CalibrationError(
+                f"the calibration corpus is too small: {len(order)} chunk(s) of at least {self.P + 2} tokens; "
+                f"need at least 3 (two for the search split, one held out)")
+        h = hashlib.sha256()
+        for c in search + [[-1]] + held:
+            h.update(np.array(c, dtype=np.int32).tobytes())
+        self.corpus_hash = h.hexdigest()[:16]
+        return search, held
+
+    # -- measuring -----------------------------------------------------------
+
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            import sys
+
+            print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+
+    def _dense(self, chunks, profile: bool = False):
+        self.r.set_policy(True, ffn_skip_threshold=NEVER, ffn_skip_warmup=0, ffn_skip_cold_start=0,
+                          ffn_skip_cold_end=0)
+        rows: list[np.ndarray] = []
+
+        def grab(r):
+            dec, cos = r.trace()
+            rows.append(cos[dec[:, 0] != 255])
+
+        nll, top = self.ev.score(chunks, after_decode=grab if profile else None)
+        cos = np.concatenate(rows) if rows else np.zeros((0, self.L), np.float32)
+        return nll, top, cos
+
+    def _measure(self, name: str, placement: str, layers, fraction: float, settings: dict, split: str) -> Trial:
+        chunks, (d_nll, d_top) = {"search": (self.search, self.dense["search"]),
+                                  "held_out": (self.held, self.dense["held_out"]),
+                                  "sens": (self.sens, self.dense["sens"])}[split]
+        if placement == "static":
+            self.r.set_policy("static", ffn_remove_layers=settings["ffn_remove_layers"])
+        else:
+            self.r.set_policy(True, **settings)
+        self.r.reset_stats()
+        nll, top = self.ev.score(chunks)
+        st = self.r.stats()
+        assert len(nll) == len(d_nll)
+        d = nll - d_nll
+        se = float(np.std(d) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        t = Trial(name, placement, sorted(layers), fraction, settings, split, st.skip_ratio,
+                  float(math.expm1(float(np.mean(d)))), float(np.mean(top == d_top)), len(nll),
+                  float(math.expm1(float(np.mean(d)) + se)))
+        if split != "held_out":
+            self.trials.append(t)
+        return t
+
+    # -- configurations ------------------------------------------------------
+
+    def fixed_settings(self, S) -> dict:
+        """Gate settings skipping the layers in S on every decode token."""
+        return self.gate_settings(S, {j: ALWAYS for j in S})
+
+    def gate_settings(self, S, taus: dict[int, float]) -> dict:
+        """Per-layer gate: layers in S may skip (threshold taus[j]), middle
+        layers not in S are excluded, cold regions outside S; continuation
+        off, one run per layer, budget |S|."""
+        S = sorted(S)
+        L = self.L
+        th = [NEVER] * L
+        for j in S:
+            th[j] = float(taus[j])
+        cs, ce = S[0], L - 1 - S[-1]
+        return {"ffn_skip_threshold": th, "ffn_skip_cold_start": cs, "ffn_skip_cold_end": ce,
+                "ffn_skip_exclude": [j for j in range(cs, L - ce) if j not in S],
+                "ffn_skip_max_skip": len(S), "ffn_skip_max_runs": len(S), "ffn_skip_continue": False,
+                "ffn_skip_warmup": WARMUP}
+
+    def adaptive_taus(self, S, f: float) -> dict[int, float]:
+        """Thresholds making each layer of S skip a fraction ``f`` of decode
+        tokens, simulated on the dense profile: walking the layers in order,
+        tau_j is the (1 - f) quantile of c_last (the cosine of the last layer
+        that ran for that token) over the profile's tokens."""
+        cos = self.cos
+        S = sorted(S)
+        if f >= 1.0 or len(cos) == 0:
+            return {j: ALWAYS for j in S}
+        clast = cos[:, S[0] - 1].astype(np.float64)
+        taus = {}
+        for j in range(S[0], S[-1] + 1):
+            if j in S:
+                tau = float(np.quantile(clast, 1.0 - f))
+                taus[j] = tau
+                fire = clast > tau
+                clast = np.where(fire, clast, cos[:, j])
+            else:
+                clast = cos[:, j].astype(np.float64)
+        return taus
+
+    # -- the search ----------------------------------------------------------
+
+    def run(self, *, quality_budget: float | None = DEFAULT_BUDGET, target_skip: float | None = None,
+            backoff: int = 2) -> CalibrationResult:
+        """Calibrate for a quality budget (largest skip ratio whose held-out
+        perplexity increase is <= budget) or a target skip ratio (best proxy at
+        that ratio). Returns the result; nothing is written.
+
+        Raises CalibrationError on a budget outside (0, 10] or a target outside (0, 1).
+        """
+        if target_skip is not None:
+            if not (isinstance(target_skip, (int, float)) and 0.0 < target_skip < 1.0):
+                raise CalibrationError(f"target skip ratio must be in (0, 1), got {target_skip!r}")
+            mode, target = "target_skip", float(target_skip)
+        else:
+            qb = DEFAULT_BUDGET if quality_budget is None else quality_budget
+            if not (isinstance(qb, (int, float)) and math.isfinite(qb) and 0.0 < qb <= 10.0):
+                raise CalibrationError(f"quality budget must be in (0, 10] (relative perplexity increase), got {qb!r}")
+            mode, target = "quality_budget", float(qb)
+        L = self.L
+        secs: dict[str, float] = {}
+        self.trials: list[Trial] = []
+        notes: list[str] = []
+
+        t0 = time.perf_counter()
+        self._log(f"dense pass: {len(self.search)} search chunks, {len(self.held)} held-out chunks")
+        nll_s, top_s, self.cos = self._dense(self.search, profile=True)
+        nll_h, top_h, _ = self._dense(self.held)
+        nll_x, top_x, _ = self._dense(self.sens)
+        self.dense = {"search": (nll_s, top_s), "held_out": (nll_h, top_h), "sens": (nll_x, top_x)}
+        profile = {
+            "cos_mean": [float(np.nanmean(self.cos[:, j])) for j in range(L)],
+            "cos_p10": [float(np.nanquantile(self.cos[:, j], 0.10)) for j in range(L)],
+            "cos_p90": [float(np.nanquantile(self.cos[:, j], 0.90)) for j in range(L)],
+        }
+        secs["dense"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self._log(f"single-layer sensitivity: {L - 1} layers x {len(nll_x)} tokens")
+        single: list[float | None] = [None] * L
+        for j in range(1, L):
+            single[j] = self._measure(f"single {j}", "fixed", [j], 1.0, self.fixed_settings([j]), "sens").ppl_increase
+        secs["single"] = time.perf_counter() - t0
+
+        # greedy forward selection (search split)
+        t0 = time.perf_counter()
+        order = sorted(range(1, L), key=lambda j: (single[j], j))
+        n_max = L - 1 if mode == "quality_budget" else min(L - 1, math.ceil(target * L) + 1)
+        S: list[int] = []
+        path: list[Trial] = []
+        while len(S) < n_max:
+            cands = [j for j in order if j not in S][: self.width]
+            best = None
+            for j in cands:
+                t = self._measure(f"fixed {sorted(S + [j])}", "fixed", S + [j], 1.0, self.fixed_settings(S + [j]),
+                                  "search")
+                if best is None or t.ppl_increase < best.ppl_increase:
+                    best = t
+            S = list(best.layers)
+            path.append(best)
+            self._log(f"greedy {len(S)}: layers {S} skip {best.skip_ratio:.3f} ppl {best.ppl_increase:+.2%}")
+            if mode == "quality_budget" and best.ppl_increase_hi > target:
+                break
+        secs["greedy"] = time.perf_counter() - t0
+
+        # placements of the chosen size
+        t0 = time.perf_counter()
+        cands: list[Trial] = []  # feasible candidates in preference order
+        if mode == "quality_budget":
+            ok = [t for t in path if t.ppl_increase_hi <= target]
+            n = len(ok)
+            fixed_n = ok[-1] if ok else None
+        else:
+            n_t = target * L
+            n = math.floor(n_t + 1e-9)
+            fixed_n = path[n - 1] if 1 <= n <= len(path) and abs(n - n_t) < 1e-9 else None
+        pool: list[Trial] = [fixed_n] if fixed_n is not None else []
+        # adaptive gate on larger sets, at the same ratio and (budget mode) beyond it
+        def grow(base: list[int], m: int) -> list[int]:
+            # the greedy path's next layers first, then the single-layer order
+            seq: list[int] = []
+            for j in [j for t in path for j in t.layers] + order:
+                if j not in base and j not in seq:
+                    seq.append(j)
+            return sorted(base + seq[:m])
+
+        variants: list[tuple[list[int], float]] = []
+        if mode == "quality_budget":
+            base = list(fixed_n.layers) if fixed_n is not None else []
+            if n:
+                variants.append((grow(base, 1), n / (n + 1)))
+            variants.append((grow(base, 1), (n + 0.5) / (n + 1)))
+            variants.append((grow(base, 3), (n + 1) / (n + 3)))
+        else:
+            n_t = target * L
+            k = math.ceil(n_t - 1e-9)
+            if 1 <= k <= len(path):
+                variants.append((path[k - 1].layers, n_t / k))
+                variants.append((grow(path[k - 1].layers, 2), n_t / (k + 2)))
+        for Sm, f in variants:
+            if f >= 1.0 - 1e-9 or len(Sm) == 0 or any(t.layers == Sm and abs(t.fraction - f) < 1e-9 for t in pool):
+                continue
+            s = self.gate_settings(Sm, self.adaptive_taus(Sm, f))
+            pool.append(self._measure(f"adaptive {Sm} f={f:.3f}", "adaptive", Sm, f, s, "search"))
+        if fixed_n is not None and fixed_n.layers:
+            s = {"ffn_remove_layers": list(fixed_n.layers)}
+            pool.append(self._measure(f"static {fixed_n.layers}", "static", fixed_n.layers, 1.0, s, "search"))
+        secs["placements"] = time.perf_counter() - t0
+
+        if mode == "quality_budget":
+            feas = [t for t in pool if t.ppl_increase_hi <= target]
+            cands = sorted(feas, key=lambda t: (-round(t.skip_ratio, 3), t.ppl_increase))
+            # smaller fixed sets of the path as fall-backs for the held-out check
+            cands += [t for t in reversed(path[: max(0, n - 1)])]
+        else:
+            cands = sorted(pool, key=lambda t: t.ppl_increase)
+
+        # held-out check
+        t0 = time.perf_counter()
+        chosen = None
+        checked = 0
+        for c in cands:
+            h = self._measure(c.name, c.placement, c.layers, c.fraction, c.settings, "held_out")
+            self._log(f"held-out: {c.name}: skip {h.skip_ratio:.3f} ppl {h.ppl_increase:+.2%}")
+            if mode == "target_skip" or h.ppl_increase <= target:
+                chosen = h
+                break
+            notes.append(f"{c.name}: {h.ppl_increase:+.2%} perplexity on held-out text, over budget; next candidate")
+            checked += 1
+            if checked > backoff:
+                break
+        if chosen is None:
+            notes.append("no setting within the budget on held-out text: 0% (max_skip = 0, dense)")
+            settings = {"ffn_skip_max_skip": 0, "ffn_skip_warmup": WARMUP}
+            chosen = Trial("none", "none", [], 0.0, settings, "held_out", 0.0, 0.0, 1.0, len(nll_h))
+        # comparisons at the chosen size: other placements, the paper's recipe at the same k
+        comps: list[Trial] = []
+        seen = {chosen.name}
+        for t in pool:
+            if t.name not in seen and (chosen.placement == "none" or abs(t.skip_ratio - chosen.skip_ratio) < 0.02
+                                       or t.placement == "static"):
+                seen.add(t.name)
+                comps.append(self._measure(t.name, t.placement, t.layers, t.fraction, t.settings, "held_out"))
+        # the paper's recipe (tau 0.95, fixed cold regions, continuation) on the
+        # same held-out text: at the chosen k, and in budget mode k = 1, 2, ...
+        # until it leaves the budget (the skip ratio it reaches within it)
+        k0 = max(1, round(chosen.skip_ratio * L))
+        ks = [k0] if mode == "target_skip" else list(range(1, min(L, 8) + 1))
+        for k in ks:
+            paper = policy.paper_preset(L)
+            paper["ffn_skip_max_skip"] = k
+            t = self._measure(f"paper k={k}", "paper", [], 0.0, paper, "held_out")
+            comps.append(t)
+            if mode == "quality_budget" and (t.ppl_increase > target or k >= max(k0, 1) + 3):
+                break
+        secs["held_out"] = time.perf_counter() - t0
+
+        settings = dict(chosen.settings)
+        if chosen.placement == "static":
+            # removal only: the gate never fires (max_skip 0 -> no gate nodes, policy.to_c)
+            settings = {"ffn_remove_layers": list(chosen.layers), "ffn_skip_max_skip": 0, "ffn_skip_warmup": WARMUP}
+        return CalibrationResult(
+            model=Path(self.path).name, architecture=self.info.architecture, n_layer=L, mode=mode, target=target,
+            placement=chosen.placement, settings=settings, held_out=chosen, comparisons=comps, path=path,
+            trials=self.trials, single_cost=single, profile=profile,
+            tokens={"search": len(nll_s), "held_out": len(nll_h), "sensitivity": len(nll_x)},
+            dense_ppl={"search": float(math.exp(np.mean(nll_s))), "held_out": float(math.exp(np.mean(nll_h)))},
+            corpus_hash=self.corpus_hash, seconds={k: round(v, 1) for k, v in secs.items()}, notes=notes,
+            tool=f"ffnskip-gguf {__version__} (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION})",
+            paper_within_budget=None if mode != "quality_budget" else max(
+                [t.skip_ratio for t in comps if t.placement == "paper" and t.ppl_increase <= target], default=0.0),
+        )
+
+
+def write_calibrated(src, dst, result: CalibrationResult, progress: bool = True) -> Path:
+    """Stream ``src`` to ``dst`` with the calibration's ``ffn_skip.*`` keys
+    (earlier ``ffn_skip.*`` keys dropped; every other key and tensor
+    unchanged). Raises ValueError when ``dst`` is ``src``."""
+    from .gguf_io import copy_gguf
+
+    return copy_gguf(src, dst, set_kv=result.gguf_kv(), remove_prefixes=("ffn_skip.",), progress=progress)
+
+
+def write_report(result: CalibrationResult, out_dir) -> Path:
+    """``calibration.json`` and ``calibration.png`` (per-layer cosine profile
+    with p10/p90 band, single-layer costs, cold regions, excluded and skipped
+    layers, thresholds, target vs achieved skip ratio) in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(result.to_json(), indent=1))
+    L = result.n_layer
+    x = np.arange(L)
+    pr = result.profile
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    ax.fill_between(x, pr["cos_p10"], pr["cos_p90"], alpha=0.25, label="cos(h, o) p10-p90")
+    ax.plot(x, pr["cos_mean"], "o-", ms=3, label="cos(h, o) mean (dense)")
+    s = result.settings
+    th = s.get("ffn_skip_threshold")
+    layers = set(result.held_out.layers)
+    if isinstance(th, list):
+        tx = [j for j in range(L) if j in layers and -1.0 <= th[j] <= 1.0]
+        if tx:
+            ax.plot(tx, [th[j] for j in tx], "rv", label="threshold tau_j")
+    for j in range(L):
+        if j in layers:
+            ax.axvspan(j - 0.5, j + 0.5, color="tab:green", alpha=0.15, lw=0)
+    cs, ce = s.get("ffn_skip_cold_start"), s.get("ffn_skip_cold_end")
+    if cs is not None and ce is not None:
+        ax.axvspan(-0.5, cs - 0.5, color="gray", alpha=0.15, lw=0, label="cold regions")
+        ax.axvspan(L - ce - 0.5, L - 0.5, color="gray", alpha=0.15, lw=0)
+    ax.set_ylabel("cosine similarity")
+    h = result.held_out
+    ax.set_title(f"{result.model}: {result.mode}={result.target:g}; {h.placement} {sorted(layers)}; held-out skip "
+                 f"{h.skip_ratio:.1%}, ppl {h.ppl_increase:+.1%} (green: skipped layers)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    sc = [c if c is not None else np.nan for c in result.single_cost]
+    ax2.bar(x, np.array(sc) * 100)
+    ax2.set_yscale("symlog", linthresh=10)
+    ax2.set_ylabel("ppl increase, layer skipped alone (%)")
+    ax2.set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def format_summary(result: CalibrationResult) -> str:
+    """Human-readable summary (CLI)."""
+    h = result.held_out
+    lines = [f"model {result.model} ({result.architecture}, {result.n_layer} layers), {result.mode} = {result.target:g}",
+             f"chosen: {h.placement} layers {h.layers}" + (f" fraction {h.fraction:.2f}" if h.placement == "adaptive" else ""),
+             f"held-out ({h.tokens} tokens): skip ratio {h.skip_ratio:.3f}, ppl {h.ppl_increase:+.2%}, "
+             f"top-1 agreement {h.top1:.3f}"]
+    for c in result.comparisons:
+        lines.append(f"  vs {c.name:<40} skip {c.skip_ratio:.3f} ppl {c.ppl_increase:+.2%} top-1 {c.top1:.3f}")
+    if result.paper_within_budget is not None:
+        pw = result.paper_within_budget
+        gain = f" ({h.skip_ratio / pw:.2f}x)" if pw > 0 else ""
+        lines.append(f"within the budget on held-out text: calibrated {h.skip_ratio:.3f}, paper's recipe {pw:.3f}{gain}")
+    lines += [f"  note: {n}" for n in result.notes]
+    lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
+    return "\n".join(lines)
+
+
+def calibrate(model, out, *, quality_budget: float | None = None, target_skip: float | None = None,
+              corpus_files: list | None = None, tokens: int = 3072, held_out_tokens: int = 2048,
+              report_dir=None, progress: bool = True, n_threads: int | None = None) -> CalibrationResult:
+    """Calibrate ``model`` and write ``out`` (the CLI's ``calibrate``).
+
+    Raises CalibrationError, ModelFileError, ValueError (out == model), OSError.
+    """
+    src = Path(model)
+    dst = Path(out)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"refusing to overwrite the input file {src} (choose another -o)")
+    if dst.exists() and dst.is_dir():
+        raise ValueError(f"output {dst} is a directory")
+    corpus = None
+    if corpus_files:
+        corpus = []
+        for p in corpus_files:
+            p = Path(p)
+            if not p.is_file():
+                raise CalibrationError(f"corpus file {p} does not exist or is not a file")
+            corpus.append(p.read_text(encoding="utf-8", errors="replace"))
+    cal = Calibrator(src, corpus=corpus, tokens=tokens, held_out_tokens=held_out_tokens, progress=progress,
+                     n_threads=n_threads)
+    try:
+        t0 = time.perf_counter()
+        res = cal.run(quality_budget=quality_budget, target_skip=target_skip)
+        res.seconds["total"] = round(time.perf_counter() - t0, 1)
+    finally:
+        cal.close()
+    write_calibrated(src, dst, res, progress=progress)
+    if report_dir is not None:
+        write_report(res, report_dir)
+    return res

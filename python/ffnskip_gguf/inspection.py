@@ -1,0 +1,83 @@
+"""``ffnskip-gguf inspect``: what a GGUF file holds for FFN skipping.
+
+Reads only metadata and the tensor table (ggml's C GGUF reader, as the
+loader), never the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import policy
+from .bench import ffn_byte_share
+from .errors import MetadataError
+from .metadata import check_model_file
+
+
+@dataclass
+class Inspection:
+    """Summary of one GGUF file.
+
+    ffn_share: FFN up/gate/down bytes / bytes a decode step reads (bench.ffn_byte_share).
+    settings: the validated ``ffn_skip.*`` settings as Llama keywords ({} when none).
+    calibration: the ``ffn_skip.calibration.*`` provenance values by short name.
+    error: why the ``ffn_skip.*`` keys are invalid ("" when they are valid).
+    """
+
+    path: Path
+    architecture: str
+    n_layer: int
+    size: int
+    ffn_share: float
+    version: Any = None
+    settings: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def inspect_model(path) -> Inspection:
+    """Inspect ``path``. Raises ModelFileError for a file that is not a loadable GGUF."""
+    info = check_model_file(path)
+    ins = Inspection(info.path, info.architecture, info.n_layer, info.size, ffn_byte_share(info.path))
+    v = info.values.get(policy.GGUF_KEY_VERSION)
+    ins.version = v.value if v is not None else None
+    try:
+        ins.settings = policy.read_file_settings(info.values, info.n_layer)
+    except MetadataError as e:
+        ins.error = str(e)
+    pre = "ffn_skip.calibration."
+    ins.calibration = {k[len(pre):]: gv.value for k, gv in info.values.items() if k.startswith(pre)}
+    return ins
+
+
+def format_inspect(ins: Inspection) -> str:
+    """Human-readable report of an Inspection."""
+    lines = [f"file          {ins.path} ({ins.size / 2**20:.1f} MiB)",
+             f"architecture  {ins.architecture}, {ins.n_layer} layers",
+             f"FFN share     {ins.ffn_share:.1%} of the weight bytes a decode step reads"]
+    if ins.error:
+        lines.append(f"calibration   INVALID: {ins.error}")
+    elif not ins.settings and ins.version is None:
+        lines.append("calibration   not calibrated (ffn_skip=True uses the defaults of DESIGN.md section 5)")
+    else:
+        lines.append(f"calibration   ffn_skip.version {ins.version}")
+        for kw, v in ins.settings.items():
+            if isinstance(v, list) and v and isinstance(v[0], float):
+                v = "[" + ", ".join(f"{x:g}" for x in v) + "]"
+            lines.append(f"  {policy.KEYWORDS[kw][0]:26s} {v}")
+        for k, v in ins.calibration.items():
+            if k == "comparison":
+                try:
+                    for c in json.loads(v):
+                        lines.append(f"  {'held-out ' + c['placement']:26s} layers {c['layers']} skip "
+                                     f"{c['skip_ratio']:.3f} ppl {c['ppl_increase']:+.2%} top-1 {c['top1']:.3f}")
+                    continue
+                except (ValueError, TypeError, KeyError):
+                    pass
+            if isinstance(v, float):
+                v = f"{v:.4g}"
+            lines.append(f"  {'calibration.' + k:26s} {v}")
+    return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""OpenAI-compatible HTTP server: llama-cpp-python's server with our ``Llama``.
+
+``ffnskip-gguf serve --model NAME_OR_PATH [--ffn-skip ...]`` (issue 7). All
+of llama-cpp-python's routes work unchanged (``/v1/completions``,
+``/v1/chat/completions``, streaming, ``/v1/models``, ...); its app is built
+by ``llama_cpp.server.app.create_app`` with a model proxy that constructs
+``ffnskip_gguf.Llama`` instead of ``llama_cpp.Llama``. Additions:
+
+- every completion and chat completion carries the FFN-skip statistics of
+  that response in an extension field ``ffn_skip`` = ``{"skip_ratio",
+  "decode_tokens", "skipped"}`` (streaming: in the chunk that carries
+  ``finish_reason``), and non-streaming responses also in the header
+  ``X-FFN-Skip-Ratio``. Requests are serialized by llama-cpp-python's lock,
+  so the difference of the context's counters around one call is exactly
+  that response's;
+- ``GET /ffn_skip/stats``: the process totals with the fields of
+  ``FfnSkipStats`` (DESIGN.md section 5) plus the settings in effect.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import threading
+import types
+from typing import Any, Iterator
+
+import llama_cpp
+
+from .llama import Llama
+
+_LOAD_LOCK = threading.Lock()
+HEADER = "X-FFN-Skip-Ratio"
+
+
+_RESPONSE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ffnskip_response", default=None)
+
+
+def _delta(llm: "Llama", before) -> dict:
+    after = llm.ffn_skip_stats()
+    dt = after.decode_tokens - before.decode_tokens
+    sk = after.skipped - before.skipped
+    return {"skip_ratio": (sk / (after.n_layer * dt)) if dt else 0.0, "decode_tokens": dt, "skipped": sk}
+
+
+class ServedLlama(Llama):
+    """``Llama`` whose completions carry their own FFN-skip statistics.
+
+    Non-streaming: the extension field ``ffn_skip`` of the returned dict
+    (llama-cpp-python's response model drops unknown fields, so the server
+    also sends it as the ``X-FFN-Skip-Ratio`` header); streaming: ``ffn_skip``
+    in the chunk that carries ``finish_reason``.
+    """
+
+    _ffn_last_response: dict | None = None
+
+    def _ffn_wrap(self, out, before):
+        if isinstance(out, dict):
+            out["ffn_skip"] = self._ffn_record(_delta(self, before))
+            return out
+
+        def stream() -> Iterator[dict]:
+            for chunk in out:
+                if any(c.get("finish_reason") is not None for c in (chunk.get("choices") or [])):
+                    chunk["ffn_skip"] = self._ffn_record(_delta(self, before))
+                yield chunk
+
+        return stream()
+
+    def _ffn_record(self, d: dict) -> dict:
+        self._ffn_last_response = d
+        holder = _RESPONSE.get()
+        if holder is not None:
+            holder.update(d)
+        return d
+
+    def create_completion(self, *args: Any, **kwargs: Any):  # noqa: D102 (llama_cpp.Llama's)
+        before = self.ffn_skip_stats()
+        return self._ffn_wrap(super().create_completion(*args, **kwargs), before)
+
+    def create_chat_completion(self, *args: Any, **kwargs: Any):  # noqa: D102 (llama_cpp.Llama's)
+        before = self.ffn_skip_stats()
+        return self._ffn_wrap(super().create_chat_completion(*args, **kwargs), before)
+
+
+class _LlamaCppView(types.ModuleType):
+    """``llama_cpp`` as llama-cpp-python's server module sees it, with
+    ``Llama`` = ServedLlama: its routes call ``llama_cpp.Llama.__call__`` and
+    ``llama_cpp.Llama.create_chat_completion`` on the class."""
+
+    Llama = ServedLlama
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(llama_cpp, name)
+
+
+class _JsonBodyGuard:
+    """ASGI middleware: a POST body that is not valid JSON gets a 400 with an
+    OpenAI-style JSON error. (llama-cpp-python's error handler re-parses the
+    body and answers 500 text otherwise.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
+        if body or b"json" in ctype:
+            try:
+                json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                payload = json.dumps({"error": {"message": f"request body is not valid JSON: {e}",
+                                                "type": "invalid_request_error", "param": None, "code": None}}).encode()
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(payload)).encode())]})
+                await send({"type": "http.response.body", "body": payload})
+                return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        holder: dict = {}
+        token = _RESPONSE.set(holder)
+
+        async def send_with_header(msg):
+            if msg["type"] == "http.response.start" and holder:
+                msg = dict(msg)
+                msg["headers"] = list(msg.get("headers") or []) + [
+                    (HEADER.lower().encode(), f"{holder['skip_ratio']:.6f}".encode())]
+            await send(msg)
+
+        try:
+            await self.app(scope, replay, send_with_header)
+        finally:
+            _RESPONSE.reset(token)
+
+
+def _patch_validation_errors() -> None:
+    """llama-cpp-python's route error handler answers 500 for request
+    validation errors (max_tokens=-5, temperature="hot"); they are the
+    client's: answer 400 ``invalid_request_error`` like the OpenAI API."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+    from llama_cpp.server.errors import ErrorResponse, RouteErrorHandler
+
+    orig = RouteErrorHandler.error_message_wrapper
+    if getattr(orig, "_ffnskip", False):
+        return
+
+    def wrapper(self, error, body=None):
+        if isinstance(error, (RequestValidationError, ValidationError)):
+            return 400, ErrorResponse(message=str(error), type="invalid_request_error", param=None, code=None)
+        return orig(self, error, body)
+
+    wrapper._ffnskip = True  # type: ignore[attr-defined]
+    RouteErrorHandler.error_message_wrapper = wrapper  # type: ignore[method-assign]
+
+
+def create_app(model_path: str, *, ffn_kwargs: dict | None = None, n_ctx: int = 2048, n_threads: int | None = None,
+               seed: int = 0, verbose: bool = False, api_key: str | None = None, **model_settings: Any):
+    """Build the FastAPI app (llama-cpp-python's, with ``ServedLlama``).
+
+    Args:
+        model_path: GGUF path (checked by ``Llama``: clear errors for bad files).
+        ffn_kwargs: ``Llama`` FFN-skip keywords (``ffn_skip=True``, ...).
+        n_ctx, n_threads, seed, verbose, api_key, model_settings: llama-cpp-python
+            ``ModelSettings`` / ``ServerSettings`` fields.
+    Returns: the app (serve it with uvicorn). One app per process: llama-cpp-python's
+        server keeps its model in module state.
+    Raises: ModelFileError / ValueError as ``Llama`` does.
+    """
+    from fastapi.responses import JSONResponse
+    from llama_cpp.server import app as app_mod
+    from llama_cpp.server.model import LlamaProxy
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    from .runner import _default_threads
+
+    kw = dict(ffn_kwargs or {})
+
+    class FfnSkipLlamaProxy(LlamaProxy):
+        @staticmethod
+        def load_llama_from_model_settings(settings: ModelSettings) -> llama_cpp.Llama:
+            # llama-cpp-python's loader builds llama_cpp.Llama(...) from the
+            # settings; build ours with the same arguments plus the FFN ones
+            with _LOAD_LOCK:
+                orig = llama_cpp.Llama
+                llama_cpp.Llama = functools.partial(ServedLlama, **kw)  # type: ignore[misc]
+                try:
+                    return LlamaProxy.load_llama_from_model_settings(settings)
+                finally:
+                    llama_cpp.Llama = orig  # type: ignore[misc]
+
+    _patch_validation_errors()
+    threads = n_threads or _default_threads()
+    ms = ModelSettings(model=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed,
+                       verbose=verbose, **model_settings)
+    ss = ServerSettings(api_key=api_key)
+    app_mod.llama_cpp = _LlamaCppView("llama_cpp")
+    orig_proxy = app_mod.LlamaProxy
+    app_mod.LlamaProxy = FfnSkipLlamaProxy
+    try:
+        app = app_mod.create_app(server_settings=ss, model_settings=[ms])
+    finally:
+        app_mod.LlamaProxy = orig_proxy
+
+    def current() -> ServedLlama:
+        proxy = app_mod._llama_proxy
+        return proxy()  # type: ignore[return-value,misc]
+
+    @app.get("/ffn_skip/stats", tags=["FFN skip"])
+    def ffn_skip_stats() -> JSONResponse:
+        """Process totals (the fields of DESIGN.md section 5), the settings in
+        effect with their sources, and the last response's numbers."""
+        llm = current()
+        st = llm.ffn_skip_stats().to_dict()
+        p = llm.ffn_skip_params()
+        st["params"] = {k: v for k, v in vars(p).items() if k != "sources"}
+        st["params"]["sources"] = dict(p.sources)
+        st["last_response"] = llm._ffn_last_response
+        return JSONResponse(st)
+
+    app.add_middleware(_JsonBodyGuard)
+    return app
+
+
+def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, **kw: Any) -> None:
+    """Run the server until interrupted (uvicorn)."""
+    import uvicorn
+
+    app = create_app(model_path, **kw)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,193 @@
+"""Calibration (issue 5): ``calibrate`` measures settings on text and stores
+them in a GGUF copy; the loader uses them as defaults; bad keys are clear
+errors. One real calibration of SmolLM2 (small corpus) serves the tests."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+
+import pytest
+from gguf import GGUFReader, GGUFValueType
+
+from ffnskip_gguf import Llama, _lib
+from ffnskip_gguf.calibrate import CalibrationError, Calibrator, calibrate
+from ffnskip_gguf.cli import main as cli_main
+from ffnskip_gguf.errors import MetadataError
+from ffnskip_gguf.evaluate import Evaluator, EvalConfig, default_corpus
+from ffnskip_gguf.gguf_io import copy_gguf
+
+from conftest import N_THREADS
+
+TARGET = 0.10  # 3 of SmolLM2's 30 layers
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cal") / "smollm2-cal.gguf"
+    rep = out.parent / "report"
+    res = calibrate(smollm2_path, out, target_skip=TARGET, tokens=256, held_out_tokens=512, report_dir=rep,
+                    progress=False, n_threads=N_THREADS)
+    return res, out, rep
+
+
+def _tensors(path):
+    r = GGUFReader(path)
+    return {t.name: hashlib.sha256(bytes(t.data.tobytes())).hexdigest() for t in r.tensors}
+
+
+def _fields(path):
+    r = GGUFReader(path)
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def test_calibrated_file_keeps_every_tensor_byte_identical(calibrated, smollm2_path):
+    _, out, _ = calibrated
+    assert _tensors(out) == _tensors(smollm2_path)
+
+
+def test_calibrated_file_keeps_every_original_key(calibrated, smollm2_path):
+    _, out, _ = calibrated
+    a, b = _fields(smollm2_path), _fields(out)
+    assert {k: v for k, v in b.items() if not k.startswith("ffn_skip.")} == a
+
+
+def test_calibrated_file_carries_settings_and_provenance(calibrated):
+    res, out, _ = calibrated
+    f = _fields(out)
+    assert f["ffn_skip.version"] == 1
+    assert f["ffn_skip.calibration.mode"] == "target_skip"
+    assert f["ffn_skip.calibration.target"] == pytest.approx(TARGET)
+    assert f["ffn_skip.calibration.skip_ratio"] == pytest.approx(res.held_out.skip_ratio, rel=1e-6)
+    assert f["ffn_skip.calibration.ppl_increase"] == pytest.approx(res.held_out.ppl_increase, rel=1e-5)
+    assert f["ffn_skip.calibration.placement"] == res.placement
+    comp = json.loads(f["ffn_skip.calibration.comparison"])
+    assert comp[0]["placement"] == res.placement and any(c["placement"] == "paper" for c in comp)
+    for kw, v in res.settings.items():
+        key = {"ffn_skip_continue": "ffn_skip.continue_run", "ffn_remove_layers": "ffn_skip.remove_layers"}.get(
+            kw, "ffn_skip." + kw[len("ffn_skip_"):])
+        if isinstance(v, list) and not v:
+            assert key not in f  # empty arrays are not valid GGUF
+        elif isinstance(v, list) and isinstance(v[0], float):
+            assert f[key] == pytest.approx(v, rel=1e-6)
+        else:
+            assert f[key] == v
+
+
+def test_target_skip_is_reached_on_held_out_text(calibrated):
+    res, _, _ = calibrated
+    assert res.placement in ("fixed", "adaptive", "static")
+    # fixed placements skip exactly round(target L) FFNs per decode token;
+    # adaptive ones are calibrated on other text: within 40% of the target
+    assert abs(res.held_out.skip_ratio - TARGET) <= 0.4 * TARGET
+    assert res.tokens["held_out"] >= 512 and math.isfinite(res.held_out.ppl_increase)
+
+
+def test_calibrated_values_are_in_effect_when_loaded(calibrated):
+    res, out, _ = calibrated
+    llm = Llama(str(out), n_ctx=128, verbose=False, ffn_skip=True, n_threads=N_THREADS)
+    p = llm.ffn_skip_params()
+    for kw, v in res.settings.items():
+        assert p.sources[kw] == "file", kw
+    if "ffn_skip_threshold" in res.settings:
+        assert p.threshold == pytest.approx(res.settings["ffn_skip_threshold"], rel=1e-6)
+    # what the native context holds
+    c = _lib.ffnskip_params()
+    _lib.ffnskip_get_params(llm._ffn_ctx, ctypes.byref(c))
+    assert c.max_skip == p.max_skip and c.cold_start == p.cold_start and c.cold_end == p.cold_end
+    assert [c.exclude[j] for j in range(30)] == [int(j in p.exclude) for j in range(30)]
+    assert [c.remove[j] for j in range(30)] == [int(j in p.remove_layers) for j in range(30)]
+    # arguments still override the file
+    llm.set_ffn_skip(ffn_skip_max_skip=1)
+    assert llm.ffn_skip_params().sources["ffn_skip_max_skip"] == "argument"
+    llm.close()
+
+
+def test_skip_ratio_on_other_text_is_close_to_the_calibrated_one(calibrated):
+    """The eval corpus shares no text with the calibration corpus; the stated
+    tolerance: within 40% of the calibrated ratio (fixed placements: equal)."""
+    res, out, _ = calibrated
+    ev = Evaluator(out, corpus=default_corpus(), chunk=128, max_tokens=1024, progress=False, n_threads=N_THREADS)
+    try:
+        r = ev.run(EvalConfig("file", "gate", dict(res.settings)))
+    finally:
+        ev.close()
+    assert r.decode_tokens > 500
+    assert abs(r.skip_ratio - res.held_out.skip_ratio) <= 0.4 * res.held_out.skip_ratio
+    assert r.skip_ratio > 0
+
+
+def test_report_has_json_and_plot(calibrated):
+    res, _, rep = calibrated
+    d = json.loads((rep / "calibration.json").read_text())
+    assert d["held_out"]["skip_ratio"] == pytest.approx(res.held_out.skip_ratio)
+    assert len(d["profile"]["cos_mean"]) == 30 and len(d["single_cost"]) == 30
+    assert (rep / "calibration.png").stat().st_size > 10_000
+
+
+def test_inspect_shows_the_calibration(calibrated, smollm2_path, capsys):
+    _, out, _ = calibrated
+    assert cli_main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "llama, 30 layers" in text and "ffn_skip.version 1" in text and "calibration.placement" in text
+    assert cli_main(["inspect", smollm2_path]) == 0
+    text = capsys.readouterr().out
+    assert "not calibrated" in text and "FFN share" in text
+
+
+def test_calibrate_refuses_to_overwrite_its_input(smollm2_path):
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        calibrate(smollm2_path, smollm2_path, progress=False)
+    assert cli_main(["calibrate", smollm2_path, "-o", smollm2_path, "--quiet"]) == 2
+
+
+def test_calibrating_an_unsupported_architecture_is_a_clear_error(smollm2_path, tmp_path):
+    p = copy_gguf(smollm2_path, tmp_path / "smollm3.gguf", rename_arch="smollm3")
+    with pytest.raises(CalibrationError, match="smollm3"):
+        Calibrator(p, progress=False, n_threads=N_THREADS)
+
+
+def test_corpus_too_small_is_a_clear_error(smollm2_path):
+    with pytest.raises(CalibrationError, match="too small"):
+        Calibrator(smollm2_path, corpus=["A few words only."], progress=False, n_threads=N_THREADS)
+
+
+@pytest.mark.parametrize("kw", [dict(quality_budget=float("nan")), dict(quality_budget=-0.1),
+                                dict(target_skip=1.5), dict(target_skip=0.0)])
+def test_invalid_targets_are_rejected(smollm2_path, kw):
+    cal = Calibrator(smollm2_path, tokens=16, held_out_tokens=16, progress=False, n_threads=N_THREADS)
+    try:
+        with pytest.raises(CalibrationError):
+            cal.run(**kw)
+    finally:
+        cal.close()
+
+
+U, I, F, B, S, A = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL,
+                    GGUFValueType.STRING, GGUFValueType.ARRAY)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("ffn_skip.threshold", ("0.9", S, None), "ffn_skip.threshold has type STRING"),
+    ("ffn_skip.threshold", ([0.9] * 29, A, F), "ffn_skip.threshold: .*29 values"),
+    ("ffn_skip.threshold", (float("nan"), F, None), "ffn_skip.threshold: .*finite"),
+    ("ffn_skip.cold_start", (-1, I, None), "ffn_skip.cold_start: .*>= 0"),
+    ("ffn_skip.cold_end", (31, U, None), "ffn_skip.cold_end: .*larger than the model"),
+    ("ffn_skip.cold_start", (1.5, F, None), "ffn_skip.cold_start has type FLOAT32"),
+    ("ffn_skip.max_runs", (0, U, None), "ffn_skip.max_runs: .*>= 1"),
+    ("ffn_skip.continue_run", (1, U, None), "ffn_skip.continue_run has type UINT32"),
+    ("ffn_skip.exclude", ([1.0, 2.0], A, F), "ffn_skip.exclude has type array of FLOAT32"),
+    ("ffn_skip.exclude", ([40], A, I), "ffn_skip.exclude: layer 40 outside"),
+    ("ffn_skip.remove_layers", (3, I, None), "ffn_skip.remove_layers has type INT32"),
+    ("ffn_skip.version", (2, U, None), "ffn_skip.version = 2"),
+    ("ffn_skip.version", ("1", S, None), "ffn_skip.version has type STRING"),
+])
+def test_corrupted_calibration_keys_name_the_key(calibrated, tmp_path, key, value, match):
+    _, out, _ = calibrated
+    p = copy_gguf(out, tmp_path / "bad.gguf", set_kv={key: value})
+    with pytest.raises(MetadataError, match=match):
+        Llama(str(p), verbose=False, ffn_skip=True)
+    # dense still loads: ffn_skip=False ignores the calibration
+    Llama(str(p), n_ctx=64, verbose=False).close()
