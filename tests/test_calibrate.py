@@ -144,8 +144,8 @@ def test_calibrate_refuses_to_overwrite_its_input(smollm2_path):
 
 
 def test_calibrating_an_unsupported_architecture_is_a_clear_error(smollm2_path, tmp_path):
-    p = copy_gguf(smollm2_path, tmp_path / "smollm3.gguf", rename_arch="smollm3")
-    with pytest.raises(CalibrationError, match="smollm3"):
+    p = copy_gguf(smollm2_path, tmp_path / "model.gguf", rename_arch="smollm3")
+    with pytest.raises(CalibrationError, match="not supported.*smollm3"):
         Calibrator(p, progress=False, n_threads=N_THREADS)
 
 
@@ -191,3 +191,37 @@ def test_corrupted_calibration_keys_name_the_key(calibrated, tmp_path, key, valu
         Llama(str(p), verbose=False, ffn_skip=True)
     # dense still loads: ffn_skip=False ignores the calibration
     Llama(str(p), n_ctx=64, verbose=False).close()
+
+
+def test_both_splits_mix_every_corpus_file(smollm2_path):
+    texts = [f"{name} " * 700 for name in ("apple", "river", "violin")]
+    cal = Calibrator(smollm2_path, corpus=texts, tokens=4000, held_out_tokens=4000, chunk=96, progress=False,
+                     n_threads=N_THREADS)
+    try:
+        ids = [set(cal.r.tokenize(" " + name, bos=False)) for name in ("apple", "river", "violin")]
+        for split in (cal.search, cal.held):
+            seen = set(t for c in split for t in c)
+            assert all(i & seen for i in ids)
+    finally:
+        cal.close()
+
+
+def test_quality_budget_mode_stays_within_budget_or_says_zero(smollm2_path, tmp_path):
+    out = tmp_path / "budget.gguf"
+    res = calibrate(smollm2_path, out, quality_budget=0.05, tokens=256, held_out_tokens=256, progress=False,
+                    n_threads=N_THREADS)
+    assert res.mode == "quality_budget" and res.paper_within_budget is not None
+    assert res.held_out.ppl_increase <= 0.05
+    llm = Llama(str(out), n_ctx=128, verbose=False, ffn_skip=True, n_threads=N_THREADS)
+    try:
+        llm("Once upon a time there was a", max_tokens=48, temperature=0)
+        st = llm.ffn_skip_stats()
+        if res.placement in ("none", "static"):
+            # no gate budget: the library runs static mode (no gate nodes, same decisions)
+            assert res.settings["ffn_skip_max_skip"] == 0 and st.mode == "static"
+        if res.placement == "none":
+            assert st.skip_ratio == 0.0 and "no setting within the budget" in " ".join(res.notes)
+        else:
+            assert st.skip_ratio > 0.0
+    finally:
+        llm.close()

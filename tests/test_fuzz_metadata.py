@@ -82,8 +82,9 @@ def _attempt(src, dst, kv, truncate):
         return "unwritable"
     if truncate is not None:
         size = os.path.getsize(dst)
+        cut = int(truncate * size) if isinstance(truncate, float) else truncate
         with open(dst, "r+b") as f:
-            f.truncate(min(truncate, size - 1))
+            f.truncate(min(cut, size - 1))
     try:
         llm = Llama(str(dst), n_ctx=64, n_threads=N_THREADS, verbose=False, ffn_skip=True)
     except (MetadataError, ModelFileError, ValueError) as e:
@@ -100,7 +101,7 @@ def _attempt(src, dst, kv, truncate):
 
 @settings(max_examples=int(os.environ.get("FFNSKIP_FUZZ_EXAMPLES", "30")), deadline=None, derandomize=True,
           database=None, suppress_health_check=list(HealthCheck))
-@given(kv=keysets, truncate=st.one_of(st.none(), st.integers(0, 4096)))
+@given(kv=keysets, truncate=st.one_of(st.none(), st.none(), st.integers(0, 4096), st.floats(0.0, 0.999)))
 # regression corpus (inputs that once crashed or slipped through): none so far
 # beyond these hand-picked edge cases, kept so they run every time
 @example(kv={"ffn_skip.threshold": ([math.nan] * 30, T.ARRAY, T.FLOAT32)}, truncate=None)

@@ -12,18 +12,21 @@ generation (``Evaluator.score``: one token per sequence per decode).
 The rule (every number is a default of ``calibrate``):
 
 1. Corpus: the shipped calibration corpus (``data/calib``, six genres,
-   ~20k tokens; written for the project) or the user's files. It is cut into
-   chunks of ``chunk`` tokens (the first ``prefill`` = the warm-up are the
-   prompt, dense), taken round-robin over the files so every split mixes
-   genres, and split: every third chunk is **held out** (never used to
-   choose), the rest is the **search** split. Caps: ``tokens`` scored search
-   tokens, ``held_out_tokens`` scored held-out tokens.
+   ~20k tokens; written for the project) or the user's files. Each file is
+   cut into chunks of ``chunk`` tokens (the first ``prefill`` = the warm-up
+   are the prompt, dense); every third chunk of each file is **held out**,
+   the rest forms the **search** split; each split takes its chunks
+   round-robin over the files (every prefix mixes genres) up to its cap:
+   ``tokens`` scored search tokens, ``held_out_tokens`` scored held-out
+   tokens. Only the search split is used to choose; the held-out split is
+   used to check the choice (step 6) and to report it.
 2. Profile: a dense pass over the search split (never-firing gate on every
    layer, bit-identical to dense) records each decode token's cos(h_j, o_j)
    for every layer (mean, p10, p90 go into the report) and the dense
    next-token NLL and top-1 prediction every later trial is compared with
    (paired: the proxy is ``exp(mean(NLL - NLL_dense)) - 1``, the relative
-   perplexity increase, plus top-1 agreement with dense).
+   perplexity increase, plus top-1 agreement with dense; "within budget" on
+   the search split means one standard error of the paired mean above it).
 3. Single-layer sensitivity: each layer 1..L-1 skipped alone on every decode
    token, on a short slice of the search split (``sens_tokens`` scored
    tokens per chunk). Layer 0 cannot be gated (there is no earlier cosine).
@@ -35,22 +38,28 @@ The rule (every number is a default of ``calibrate``):
    ceil(target L) + 1 layers. The cold regions follow from S: cold start =
    min(S), cold end = L - 1 - max(S); middle layers not in S are excluded
    (``ffn_skip.exclude``), so harmful layers inside the middle never skip.
-5. Placements of the chosen size, all measured on the search split:
-   ``fixed`` (every decode token skips S; thresholds -2), ``adaptive`` (the
-   cosine gate on the next larger set S' with per-layer thresholds set so
-   that each layer fires on the same overall fraction of tokens: tau_j is
-   the (1 - f) quantile of c_last at layer j, simulated on the profile, with
-   continuation off and one run per skipped layer) and ``static`` (the FFNs
-   of S removed from the graph, prefill included: ``ffn_skip.remove_layers``).
-   In quality-budget mode the adaptive gate also gets a chance at a larger
-   fraction between n and n + 1 layers. The best within budget (budget mode:
-   the largest skip ratio, then the lowest proxy; target mode: the lowest
-   proxy) is chosen.
-6. Held-out check: the chosen settings, the other placements and the
-   paper's recipe at the same k are measured on the held-out split; those
-   numbers are the ones stored and reported. In budget mode, if the chosen
-   settings exceed the budget on held-out text, the next smaller candidate is
-   checked (at most ``backoff`` times); failing all, the answer is 0%.
+5. Placements, measured on the search split: ``fixed`` (every decode token
+   skips S; thresholds -2), ``adaptive`` (the cosine gate on a larger set S'
+   with per-layer thresholds set so that each layer of S' fires on a
+   fraction f of tokens: tau_j is the (1 - f) quantile of c_last at layer j,
+   simulated on the profile, continuation off, one run per layer) and
+   ``static`` (the FFNs of S removed from the graph, prefill included:
+   ``ffn_skip.remove_layers``). Budget mode, n = |S| within budget: fixed S,
+   static S, adaptive on n + 1 layers at f = n / (n + 1) (same ratio) and
+   (n + 0.5) / (n + 1), adaptive on n + 3 layers at (n + 1) / (n + 3).
+   Target mode, k = ceil(target L): fixed S_k (when target L is whole),
+   adaptive on k and k + 2 layers at the target ratio. Budget mode ranks by
+   skip ratio (one candidate per ratio level, the lowest increase), target
+   mode keeps candidates within 20% of the target and ranks by increase.
+6. Held-out check: candidates in that order are measured on the held-out
+   split; budget mode takes the first within budget there (at most
+   ``backoff`` + 1 checks, falling back to smaller ratios), target mode the
+   first. The chosen settings, the other placements at that size and the
+   paper's recipe (k = 1, 2, ... until it leaves the budget) are reported
+   with their held-out numbers. Because the held-out split also decides
+   between candidates, its number for the chosen settings is slightly
+   optimistic; docs/CALIBRATION.md checks the files on the separate eval
+   corpus.
 
 A model with no setting within budget gets ``ffn_skip.max_skip = 0``: with
 ``ffn_skip=True`` it decodes dense (the honest answer, with the measurement
@@ -62,6 +71,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
@@ -142,6 +152,7 @@ class CalibrationResult:
     paper_within_budget: float | None = None  # budget mode: the paper recipe's largest held-out skip ratio within it
 
     def to_json(self) -> dict:
+        """The result as JSON-ready dicts and lists (``calibration.json``)."""
         return asdict(self)
 
     def gguf_kv(self) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:
@@ -170,7 +181,7 @@ class CalibrationResult:
         prov = {
             "mode": (self.mode, S), "target": (float(self.target), F), "placement": (self.placement, S),
             "skip_ratio": (float(h.skip_ratio), F), "ppl_increase": (float(h.ppl_increase), F),
-            "top1_agreement": (float(h.top1), F), "tokens": (int(sum(self.tokens.values())), U),
+            "top1_agreement": (float(h.top1), F), "tokens": (int(self.tokens["search"] + self.tokens["held_out"]), U),
             "corpus_hash": (self.corpus_hash, S), "tool": (self.tool, S),
             "comparison": (json.dumps([{"placement": t.placement, "layers": t.layers, "skip_ratio": round(t.skip_ratio, 5),
                                         "ppl_increase": round(t.ppl_increase, 5), "top1": round(t.top1, 5)}
@@ -193,6 +204,7 @@ class Calibrator:
         chunk, prefill, n_seq: chunk length, dense prompt per chunk (>= the
             warm-up, 32), sequences decoded in parallel.
         width: candidates measured per greedy step.
+        n_threads: CPU threads (default: the CPUs this process may use).
         progress: tqdm bars and phase messages on stderr.
     Raises:
         ModelFileError: not a loadable GGUF; CalibrationError: architecture or
@@ -227,39 +239,45 @@ class Calibrator:
         if self.L < 3:
             self.close()
             raise CalibrationError(f"cannot calibrate a model with {self.L} layers (need at least 3)")
-        self.search, self.held = self._split(chunk, tokens, held_out_tokens)
+        try:
+            self.search, self.held = self._split(chunk, tokens, held_out_tokens)
+        except BaseException:
+            self.close()
+            raise
         s_chunk = min(sens_tokens, chunk - prefill)
         self.sens = [c[:prefill + s_chunk] for c in self.search[:n_seq]]
 
     def close(self) -> None:
+        """Free the model and context."""
         self.ev.close()
 
     # -- data ----------------------------------------------------------------
 
     def _split(self, chunk: int, tokens: int, held_tokens: int):
-        per_file = []
+        # every third chunk of each file is held out; each split then takes
+        # its files' chunks round-robin, so any prefix of it mixes genres
+        search_f, held_f = [], []
         for text in self.corpus:
             toks = self.r.tokenize(text, bos=True)
-            per_file.append([toks[i:i + chunk] for i in range(0, len(toks), chunk)
-                             if len(toks[i:i + chunk]) >= self.P + 2])
-        # round-robin over the files: every prefix mixes genres
-        order = []
-        for i in range(max((len(f) for f in per_file), default=0)):
-            order.extend(f[i] for f in per_file if i < len(f))
-        search, held, ns, nh = [], [], 0, 0
-        for i, c in enumerate(order):
-            n = len(c) - self.P
-            if i % 3 == 2:
-                if nh < held_tokens:
-                    held.append(c)
-                    nh += n
-            elif ns < tokens:
-                search.append(c)
-                ns += n
+            cs = [toks[i:i + chunk] for i in range(0, len(toks), chunk) if len(toks[i:i + chunk]) >= self.P + 2]
+            search_f.append([c for i, c in enumerate(cs) if i % 3 != 2])
+            held_f.append([c for i, c in enumerate(cs) if i % 3 == 2])
+
+        def take(per_file, cap):
+            out, n = [], 0
+            for i in range(max((len(f) for f in per_file), default=0)):
+                for f in per_file:
+                    if i < len(f) and n < cap:
+                        out.append(f[i])
+                        n += len(f[i]) - self.P
+            return out
+
+        search, held = take(search_f, tokens), take(held_f, held_tokens)
         if not search or not held:
+            n = sum(len(f) for f in search_f) + sum(len(f) for f in held_f)
             raise CalibrationError(
-                f"the calibration corpus is too small: {len(order)} chunk(s) of at least {self.P + 2} tokens; "
-                f"need at least 3 (two for the search split, one held out)")
+                f"the calibration corpus is too small: {n} chunk(s) of at least {self.P + 2} tokens; "
+                f"need at least 3 in one text (two for the search split, one held out)")
         h = hashlib.sha256()
         for c in search + [[-1]] + held:
             h.update(np.array(c, dtype=np.int32).tobytes())
@@ -342,7 +360,7 @@ class Calibrator:
         taus = {}
         for j in range(S[0], S[-1] + 1):
             if j in S:
-                tau = float(np.quantile(clast, 1.0 - f))
+                tau = float(np.nanquantile(clast, 1.0 - f))
                 taus[j] = tau
                 fire = clast > tau
                 clast = np.where(fire, clast, cos[:, j])
@@ -364,6 +382,9 @@ class Calibrator:
             if not (isinstance(target_skip, (int, float)) and 0.0 < target_skip < 1.0):
                 raise CalibrationError(f"target skip ratio must be in (0, 1), got {target_skip!r}")
             mode, target = "target_skip", float(target_skip)
+            if target * self.L > self.L - 1:
+                raise CalibrationError(f"target skip ratio {target} needs more than the {self.L - 1} layers "
+                                       f"that can be gated (layer 0 cannot)")
         else:
             qb = DEFAULT_BUDGET if quality_budget is None else quality_budget
             if not (isinstance(qb, (int, float)) and math.isfinite(qb) and 0.0 < qb <= 10.0):
@@ -461,18 +482,30 @@ class Calibrator:
 
         if mode == "quality_budget":
             feas = [t for t in pool if t.ppl_increase_hi <= target]
-            cands = sorted(feas, key=lambda t: (-round(t.skip_ratio, 3), t.ppl_increase))
             # smaller fixed sets of the path as fall-backs for the held-out check
-            cands += [t for t in reversed(path[: max(0, n - 1)])]
+            feas += [t for t in path[: max(0, n - 1)]]
+            # one candidate per skip-ratio level (the lowest increase), largest
+            # ratio first: a failed held-out check falls back to a smaller ratio
+            best: dict[float, Trial] = {}
+            for t in feas:
+                lvl = round(t.skip_ratio, 3)
+                if lvl not in best or t.ppl_increase < best[lvl].ppl_increase:
+                    best[lvl] = t
+            cands = [best[k] for k in sorted(best, reverse=True)]
         else:
-            cands = sorted(pool, key=lambda t: t.ppl_increase)
+            # within 20% of the target ratio (else the closest), then the lowest increase
+            near = [t for t in pool if abs(t.skip_ratio - target) <= 0.2 * target]
+            cands = sorted(near or sorted(pool, key=lambda t: abs(t.skip_ratio - target))[:1],
+                           key=lambda t: t.ppl_increase)
 
         # held-out check
         t0 = time.perf_counter()
         chosen = None
         checked = 0
+        held_done: dict[str, Trial] = {}
         for c in cands:
             h = self._measure(c.name, c.placement, c.layers, c.fraction, c.settings, "held_out")
+            held_done[c.name] = h
             self._log(f"held-out: {c.name}: skip {h.skip_ratio:.3f} ppl {h.ppl_increase:+.2%}")
             if mode == "target_skip" or h.ppl_increase <= target:
                 chosen = h
@@ -492,18 +525,19 @@ class Calibrator:
             if t.name not in seen and (chosen.placement == "none" or abs(t.skip_ratio - chosen.skip_ratio) < 0.02
                                        or t.placement == "static"):
                 seen.add(t.name)
-                comps.append(self._measure(t.name, t.placement, t.layers, t.fraction, t.settings, "held_out"))
+                comps.append(held_done.get(t.name) or
+                             self._measure(t.name, t.placement, t.layers, t.fraction, t.settings, "held_out"))
         # the paper's recipe (tau 0.95, fixed cold regions, continuation) on the
         # same held-out text: at the chosen k, and in budget mode k = 1, 2, ...
         # until it leaves the budget (the skip ratio it reaches within it)
         k0 = max(1, round(chosen.skip_ratio * L))
-        ks = [k0] if mode == "target_skip" else list(range(1, min(L, 8) + 1))
+        ks = [k0] if mode == "target_skip" else list(range(1, L - 1))
         for k in ks:
             paper = policy.paper_preset(L)
             paper["ffn_skip_max_skip"] = k
             t = self._measure(f"paper k={k}", "paper", [], 0.0, paper, "held_out")
             comps.append(t)
-            if mode == "quality_budget" and (t.ppl_increase > target or k >= max(k0, 1) + 3):
+            if mode == "quality_budget" and t.ppl_increase > target:
                 break
         secs["held_out"] = time.perf_counter() - t0
 
@@ -612,6 +646,9 @@ def calibrate(model, out, *, quality_budget: float | None = None, target_skip: f
         raise ValueError(f"refusing to overwrite the input file {src} (choose another -o)")
     if dst.exists() and dst.is_dir():
         raise ValueError(f"output {dst} is a directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(dst.parent, os.W_OK):
+        raise OSError(f"cannot write to {dst.parent}")
     corpus = None
     if corpus_files:
         corpus = []

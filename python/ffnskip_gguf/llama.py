@@ -17,7 +17,8 @@ import llama_cpp
 from . import _lib, policy
 from .errors import ModelFileError
 from .metadata import check_model_file
-from .stats import FfnSkipStats, from_c
+from .stats import FfnSkipStats
+from .stats import read as read_stats
 
 __all__ = ["Llama", "ModelFileError", "FfnSkipUncalibratedWarning", "FfnSkipUnsupportedWarning"]
 
@@ -193,11 +194,7 @@ class Llama(llama_cpp.Llama):
     def ffn_skip_stats(self) -> FfnSkipStats:
         """Cumulative statistics since load or ``reset_ffn_skip_stats()``
         (``Llama.reset()`` keeps them). See ``FfnSkipStats``."""
-        st = _lib.ffnskip_stats()
-        _lib.ffnskip_get_stats(self._ffn_ctx, ctypes.byref(st))
-        reason = ctypes.create_string_buffer(512)
-        _lib.ffnskip_supported(self._ffn_ctx, reason, len(reason))
-        return from_c(st, reason.value.decode(), self._ffn_settings.mode)
+        return read_stats(self._ffn_ctx)
 
     def reset_ffn_skip_stats(self) -> None:
         """Zero the statistics of this context."""

@@ -13,7 +13,8 @@ import numpy as np
 import llama_cpp
 
 from . import _lib, policy
-from .stats import FfnSkipStats, from_c
+from .stats import FfnSkipStats
+from .stats import read as read_stats
 
 
 def _default_threads() -> int:
@@ -221,9 +222,7 @@ class Runner:
 
     def stats(self) -> FfnSkipStats:
         self._check()
-        st = _lib.ffnskip_stats()
-        _lib.ffnskip_get_stats(self.ctx, ctypes.byref(st))
-        return from_c(st, "", "")
+        return read_stats(self.ctx)
 
     def n_reused(self) -> int:
         self._check()

@@ -20,9 +20,7 @@ by ``llama_cpp.server.app.create_app`` with a model proxy that constructs
 from __future__ import annotations
 
 import contextvars
-import functools
 import json
-import threading
 import types
 from typing import Any, Iterator
 
@@ -30,7 +28,6 @@ import llama_cpp
 
 from .llama import Llama
 
-_LOAD_LOCK = threading.Lock()
 HEADER = "X-FFN-Skip-Ratio"
 
 
@@ -95,10 +92,24 @@ class _LlamaCppView(types.ModuleType):
         return getattr(llama_cpp, name)
 
 
+MAX_BODY = 16 * 2**20  # bytes; a prompt is at most n_ctx tokens anyway
+
+
+async def _error(send, status: int, message: str) -> None:
+    payload = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                    "code": None}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"access-control-allow-origin", b"*")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
 class _JsonBodyGuard:
     """ASGI middleware: a POST body that is not valid JSON gets a 400 with an
-    OpenAI-style JSON error. (llama-cpp-python's error handler re-parses the
-    body and answers 500 text otherwise.)"""
+    OpenAI-style JSON error (llama-cpp-python's error handler re-parses the
+    body and answers 500 text otherwise), one over ``MAX_BODY`` a 413; and
+    the response of a non-streaming completion gets the ``X-FFN-Skip-Ratio``
+    header from a per-request holder that ``ServedLlama`` fills."""
 
     def __init__(self, app):
         self.app = app
@@ -106,26 +117,23 @@ class _JsonBodyGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        chunks, more = [], True
+        chunks, more, size = [], True, 0
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return
             chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
             more = msg.get("more_body", False)
+            if size > MAX_BODY:
+                return await _error(send, 413, f"request body larger than {MAX_BODY} bytes")
         body = b"".join(chunks)
         ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
         if body or b"json" in ctype:
             try:
                 json.loads(body)
             except (ValueError, UnicodeDecodeError) as e:
-                payload = json.dumps({"error": {"message": f"request body is not valid JSON: {e}",
-                                                "type": "invalid_request_error", "param": None, "code": None}}).encode()
-                await send({"type": "http.response.start", "status": 400,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(payload)).encode())]})
-                await send({"type": "http.response.body", "body": payload})
-                return
+                return await _error(send, 400, f"request body is not valid JSON: {e}")
         sent = False
 
         async def replay():
@@ -186,49 +194,43 @@ def create_app(model_path: str, *, ffn_kwargs: dict | None = None, n_ctx: int = 
     Raises: ModelFileError / ValueError as ``Llama`` does.
     """
     from fastapi.responses import JSONResponse
+    from fastapi import Depends
     from llama_cpp.server import app as app_mod
-    from llama_cpp.server.model import LlamaProxy
+    from llama_cpp.server import model as model_mod
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
     from .runner import _default_threads
 
     kw = dict(ffn_kwargs or {})
 
-    class FfnSkipLlamaProxy(LlamaProxy):
-        @staticmethod
-        def load_llama_from_model_settings(settings: ModelSettings) -> llama_cpp.Llama:
-            # llama-cpp-python's loader builds llama_cpp.Llama(...) from the
-            # settings; build ours with the same arguments plus the FFN ones
-            with _LOAD_LOCK:
-                orig = llama_cpp.Llama
-                llama_cpp.Llama = functools.partial(ServedLlama, **kw)  # type: ignore[misc]
-                try:
-                    return LlamaProxy.load_llama_from_model_settings(settings)
-                finally:
-                    llama_cpp.Llama = orig  # type: ignore[misc]
+    class _Served(ServedLlama):
+        # the FFN-skip keywords of this app; llama-cpp-python's loader passes the rest
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kw, **kwargs})
 
     _patch_validation_errors()
     threads = n_threads or _default_threads()
     ms = ModelSettings(model=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed,
                        verbose=verbose, **model_settings)
     ss = ServerSettings(api_key=api_key)
-    app_mod.llama_cpp = _LlamaCppView("llama_cpp")
-    orig_proxy = app_mod.LlamaProxy
-    app_mod.LlamaProxy = FfnSkipLlamaProxy
-    try:
-        app = app_mod.create_app(server_settings=ss, model_settings=[ms])
-    finally:
-        app_mod.LlamaProxy = orig_proxy
-
-    def current() -> ServedLlama:
-        proxy = app_mod._llama_proxy
-        return proxy()  # type: ignore[return-value,misc]
+    # llama-cpp-python's server builds and calls the model through the name
+    # ``llama_cpp.Llama`` of its modules (model.py: the loader; app.py:
+    # ``llama_cpp.Llama.__call__`` / ``.create_chat_completion`` on the class):
+    # both modules see a view of llama_cpp whose Llama is ours. One app per
+    # process (the server keeps its model in module state anyway).
+    view = _LlamaCppView("llama_cpp")
+    view.Llama = _Served  # type: ignore[attr-defined]
+    model_mod.llama_cpp = view
+    app_mod.llama_cpp = view
+    app = app_mod.create_app(server_settings=ss, model_settings=[ms])
 
     @app.get("/ffn_skip/stats", tags=["FFN skip"])
-    def ffn_skip_stats() -> JSONResponse:
+    def ffn_skip_stats(llama_proxy=Depends(app_mod.get_llama_proxy)) -> JSONResponse:
         """Process totals (the fields of DESIGN.md section 5), the settings in
-        effect with their sources, and the last response's numbers."""
-        llm = current()
+        effect with their sources, and the last response's numbers. Taken
+        under the server's model lock: a consistent snapshot, after the
+        request in progress."""
+        llm = llama_proxy()
         st = llm.ffn_skip_stats().to_dict()
         p = llm.ffn_skip_params()
         st["params"] = {k: v for k, v in vars(p).items() if k != "sources"}

@@ -56,3 +56,22 @@ def from_c(st, reason: str, mode: str) -> FfnSkipStats:
         skipped_per_layer=skipped, run_per_layer=run, cos_mean_per_layer=cos,
         supported=bool(st.supported), reason=reason, mode=mode,
     )
+
+
+def read(ctx) -> FfnSkipStats:
+    """Statistics of native context ``ctx`` (a ``llama_context*``): counters,
+    whether it gates (and why not), and the mode the library runs in (an
+    adaptive policy without budget runs as static, ``policy.to_c``)."""
+    import ctypes
+
+    from . import _lib
+
+    st = _lib.ffnskip_stats()
+    _lib.ffnskip_get_stats(ctx, ctypes.byref(st))
+    reason = ctypes.create_string_buffer(512)
+    _lib.ffnskip_supported(ctx, reason, len(reason))
+    p = _lib.ffnskip_params()
+    _lib.ffnskip_get_params(ctx, ctypes.byref(p))
+    mode = {_lib.FFNSKIP_MODE_OFF: "off", _lib.FFNSKIP_MODE_ADAPTIVE: "adaptive",
+            _lib.FFNSKIP_MODE_STATIC: "static"}.get(int(p.mode), str(int(p.mode)))
+    return from_c(st, reason.value.decode(errors="replace"), mode)
