@@ -132,6 +132,11 @@ def test_concurrent_clients_are_all_answered_as_alone(server):
     b'{"messages": "hello"}',
     b"[1, 2, 3]",
     b'{"prompt": "' + b"word " * 3000 + b'", "max_tokens": 4}',  # longer than the context
+    b"",  # no body
+    b'{"prompt": "", "max_tokens": 4}',  # empty prompt (llama-cpp-python asserts)
+    b'{"prompt": ["a", "b"], "max_tokens": 4}',
+    b'{"prompt": "Hi", "max_tokens": 4, "grammar": "root ::= ((("}',  # segfaults llama.cpp's GBNF parser
+    b'{"prompt": "Hi", "max_tokens": 4, "logit_bias": {"abc": 5}}',
 ])
 def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, body):
     client, proc = server
@@ -141,3 +146,49 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     assert "error" in r.json() or "detail" in r.json()
     assert proc.poll() is None
     _complete(client, "Still there?", 4)
+
+
+def test_out_of_range_token_ids_to_detokenize_are_a_400(server):
+    client, proc = server
+    r = client.post("/extras/detokenize", json={"tokens": [1, 10**9]})
+    assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
+    assert proc.poll() is None
+    assert client.post("/extras/detokenize", json={"tokens": [1, 2]}).status_code == 200
+
+
+def test_stats_during_a_stream_do_not_cut_it(server):
+    client, _ = server
+    import threading
+
+    chunks = []
+
+    def stream():
+        with client.stream("POST", "/v1/completions",
+                           json={"prompt": "List twenty animals:", "max_tokens": 64, "temperature": 0,
+                                 "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    for _ in range(5):
+        assert client.get("/ffn_skip/stats").status_code == 200
+        assert client.get("/v1/models").status_code == 200
+    t.join(120)
+    assert chunks and chunks[-1]["choices"][0]["finish_reason"] is not None and "ffn_skip" in chunks[-1]
+
+
+@pytest.mark.parametrize("g,ok", [
+    ('root ::= "yes" | "no"', True),
+    ('root ::= item+\nitem ::= [a-z(] "(" # comment (\n', True),
+    ("root ::= (((", False),
+    ('root ::= "open', False),
+    ("item ::= [a-z]", False),
+    ("root ::= [abc", False),
+    ("root ::= a)", False),
+])
+def test_grammar_precheck(g, ok):
+    from ffnskip_gguf.server import grammar_problem
+
+    assert (grammar_problem(g) == "") == ok

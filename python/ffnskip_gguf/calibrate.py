@@ -91,6 +91,17 @@ WARMUP = 32              # DESIGN.md section 5 default (positions)
 ALWAYS, NEVER = -2.0, 1.0  # thresholds: c_last > -2 always holds, c_last > 1 never
 
 
+def _check_target(quality_budget, target_skip) -> None:
+    """Raise CalibrationError on a budget outside (0, 10] or a target outside (0, 1)."""
+    if target_skip is not None:
+        if isinstance(target_skip, bool) or not (isinstance(target_skip, (int, float)) and 0.0 < target_skip < 1.0):
+            raise CalibrationError(f"target skip ratio must be in (0, 1), got {target_skip!r}")
+    elif quality_budget is not None:
+        qb = quality_budget
+        if isinstance(qb, bool) or not (isinstance(qb, (int, float)) and math.isfinite(qb) and 0.0 < qb <= 10.0):
+            raise CalibrationError(f"quality budget must be in (0, 10] (relative perplexity increase), got {qb!r}")
+
+
 class CalibrationError(ValueError):
     """Calibration cannot run on this model or input (unsupported architecture,
     corpus too small, invalid target)."""
@@ -183,7 +194,7 @@ class CalibrationResult:
             "skip_ratio": (float(h.skip_ratio), F), "ppl_increase": (float(h.ppl_increase), F),
             "top1_agreement": (float(h.top1), F), "tokens": (int(self.tokens["search"] + self.tokens["held_out"]), U),
             "corpus_hash": (self.corpus_hash, S), "tool": (self.tool, S),
-            "comparison": (json.dumps([{"placement": t.placement, "layers": t.layers, "skip_ratio": round(t.skip_ratio, 5),
+            "comparison": (json.dumps([{"name": t.name, "placement": t.placement, "layers": t.layers, "skip_ratio": round(t.skip_ratio, 5),
                                         "ppl_increase": round(t.ppl_increase, 5), "top1": round(t.top1, 5)}
                                        for t in [h] + self.comparisons], separators=(",", ":")), S),
         }
@@ -378,18 +389,14 @@ class Calibrator:
 
         Raises CalibrationError on a budget outside (0, 10] or a target outside (0, 1).
         """
+        _check_target(quality_budget, target_skip)
         if target_skip is not None:
-            if not (isinstance(target_skip, (int, float)) and 0.0 < target_skip < 1.0):
-                raise CalibrationError(f"target skip ratio must be in (0, 1), got {target_skip!r}")
             mode, target = "target_skip", float(target_skip)
             if target * self.L > self.L - 1:
                 raise CalibrationError(f"target skip ratio {target} needs more than the {self.L - 1} layers "
                                        f"that can be gated (layer 0 cannot)")
         else:
-            qb = DEFAULT_BUDGET if quality_budget is None else quality_budget
-            if not (isinstance(qb, (int, float)) and math.isfinite(qb) and 0.0 < qb <= 10.0):
-                raise CalibrationError(f"quality budget must be in (0, 10] (relative perplexity increase), got {qb!r}")
-            mode, target = "quality_budget", float(qb)
+            mode, target = "quality_budget", float(DEFAULT_BUDGET if quality_budget is None else quality_budget)
         L = self.L
         secs: dict[str, float] = {}
         self.trials: list[Trial] = []
@@ -601,8 +608,9 @@ def write_report(result: CalibrationResult, out_dir) -> Path:
         ax.axvspan(L - ce - 0.5, L - 0.5, color="gray", alpha=0.15, lw=0)
     ax.set_ylabel("cosine similarity")
     h = result.held_out
-    ax.set_title(f"{result.model}: {result.mode}={result.target:g}; {h.placement} {sorted(layers)}; held-out skip "
-                 f"{h.skip_ratio:.1%}, ppl {h.ppl_increase:+.1%} (green: skipped layers)", fontsize=9)
+    ax.set_title(f"{result.model}: {result.mode} = {result.target:g}\n{h.placement} {sorted(layers)}: held-out skip "
+                 f"{h.skip_ratio:.1%}, ppl {h.ppl_increase:+.1%}; green: layers that skip, "
+                 f"white: excluded", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     sc = [c if c is not None else np.nan for c in result.single_cost]
     ax2.bar(x, np.array(sc) * 100)
@@ -640,15 +648,21 @@ def calibrate(model, out, *, quality_budget: float | None = None, target_skip: f
 
     Raises CalibrationError, ModelFileError, ValueError (out == model), OSError.
     """
-    src = Path(model)
+    from .gguf_io import check_output_path
+    from .models import resolve_model
+
+    if quality_budget is not None and target_skip is not None:
+        raise CalibrationError("give a quality budget or a target skip ratio, not both")
+    _check_target(quality_budget, target_skip)
+    src = resolve_model(model)
     dst = Path(out)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"refusing to overwrite the input file {src} (choose another -o)")
-    if dst.exists() and dst.is_dir():
-        raise ValueError(f"output {dst} is a directory")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(dst.parent, os.W_OK):
-        raise OSError(f"cannot write to {dst.parent}")
+    check_output_path(src, dst)
+    if report_dir is not None:
+        rd = Path(report_dir)
+        if rd.exists() and not rd.is_dir():
+            raise ValueError(f"report directory {rd} exists and is not a directory")
+    if isinstance(corpus_files, (str, os.PathLike)):
+        corpus_files = [corpus_files]
     corpus = None
     if corpus_files:
         corpus = []

@@ -265,8 +265,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not 0 < a.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {a.port}")
     path = resolve_model(a.model)
-    print(f"serving {path} on http://{a.host}:{a.port}/v1 (FFN skip stats: /ffn_skip/stats)", file=sys.stderr,
-          flush=True)
     serve(str(path), host=a.host, port=a.port, ffn_kwargs=skip_kwargs(a), n_ctx=a.n_ctx, n_threads=a.threads,
           seed=a.seed, verbose=a.verbose, api_key=a.api_key, chat_format=a.chat_format)
     return 0
@@ -296,7 +294,8 @@ def cmd_soak(a: argparse.Namespace) -> int:
     res = soak(str(resolve_model(a.model)), steps=a.steps, n_seq=a.n_seq, n_ctx=a.n_ctx, n_threads=a.threads)
     print(f"steps {res.steps}, tokens {res.tokens}, context shifts {res.shifts}, resets {res.resets}, "
           f"decode tokens {res.decode_tokens}, skip ratio {res.skip_ratio:.3f}, {res.seconds:.0f} s")
-    print(f"RSS: start {res.rss_start_mib:.0f} MiB, after 200 steps {res.rss_after_warmup_mib:.0f} MiB, "
+    print(f"RSS: start {res.rss_start_mib:.0f} MiB, after {min(200, res.steps - 1) + 1} steps "
+          f"{res.rss_after_warmup_mib:.0f} MiB, "
           f"end {res.rss_end_mib:.0f} MiB")
     return 0
 

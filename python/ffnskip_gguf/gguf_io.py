@@ -19,6 +19,27 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 
+def check_output_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Raise ValueError unless ``dst`` can receive a GGUF written from ``src``:
+    not ``src`` itself (also through links), not a directory or special file,
+    its parent (or nearest existing ancestor) a writable directory."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() or dst.is_symlink():
+        if dst.resolve() == src.resolve():
+            raise ValueError(f"refusing to overwrite the input file {src} (choose another output)")
+        if dst.is_dir():
+            raise ValueError(f"output {dst} is a directory")
+        if not dst.is_file():
+            raise ValueError(f"output {dst} exists and is not a regular file")
+    anc = dst.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"output {dst}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"output {dst}: cannot write to {anc}")
+
+
 def copy_gguf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -52,8 +73,7 @@ def copy_gguf(
     Raises: ValueError when ``dst`` is ``src`` or a value is an empty array.
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"refusing to overwrite the input file {src}")
+    check_output_path(src, dst)
     set_kv = dict(set_kv or {})
     for k, (v, t, _) in set_kv.items():
         if t == GGUFValueType.ARRAY and len(v) == 0:
@@ -119,6 +139,9 @@ def copy_gguf(
         writer.close()
         if bar:
             bar.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as readable as any new file
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

@@ -53,6 +53,23 @@ def inspect_model(path) -> Inspection:
     return ins
 
 
+def _comparison_rows(v: Any) -> list[str] | None:
+    """Lines for ``ffn_skip.calibration.comparison`` (JSON list of dicts), or
+    None when it is not that (then the raw value is shown)."""
+    try:
+        items = json.loads(v) if isinstance(v, str) else None
+        if not isinstance(items, list):
+            return None
+        rows = []
+        for c in items:
+            what = c.get("name") or f"{c['placement']} {c['layers']}"
+            rows.append(f"  held-out {str(what):34s} skip {float(c['skip_ratio']):.3f} "
+                        f"ppl {float(c['ppl_increase']):+.2%} top-1 {float(c['top1']):.3f}")
+        return rows
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+
+
 def format_inspect(ins: Inspection) -> str:
     """Human-readable report of an Inspection."""
     lines = [f"file          {ins.path} ({ins.size / 2**20:.1f} MiB)",
@@ -70,14 +87,13 @@ def format_inspect(ins: Inspection) -> str:
             lines.append(f"  {policy.KEYWORDS[kw][0]:26s} {v}")
         for k, v in ins.calibration.items():
             if k == "comparison":
-                try:
-                    for c in json.loads(v):
-                        lines.append(f"  {'held-out ' + c['placement']:26s} layers {c['layers']} skip "
-                                     f"{c['skip_ratio']:.3f} ppl {c['ppl_increase']:+.2%} top-1 {c['top1']:.3f}")
+                rows = _comparison_rows(v)
+                if rows is not None:
+                    lines += rows
                     continue
-                except (ValueError, TypeError, KeyError):
-                    pass
             if isinstance(v, float):
                 v = f"{v:.4g}"
+            elif isinstance(v, str) and len(v) > 200:
+                v = v[:200] + f"... ({len(v)} characters)"
             lines.append(f"  {'calibration.' + k:26s} {v}")
     return "\n".join(lines)

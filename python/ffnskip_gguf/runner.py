@@ -103,9 +103,10 @@ class Runner:
             self.close()
 
     def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
-        """Token ids of ``text`` (``bos``: prepend BOS; ``special``: parse special tokens)."""
+        """Token ids of ``text`` (``bos``: prepend BOS; ``special``: parse special
+        tokens). Characters UTF-8 cannot encode (lone surrogates) become U+FFFD."""
         self._check()
-        raw = text.encode()
+        raw = text.encode("utf-8", errors="replace")
         buf = (llama_cpp.llama_token * (len(raw) + 16))()
         n = llama_cpp.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos, special)
         if n < 0:

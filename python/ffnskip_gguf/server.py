@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import types
 from typing import Any, Iterator
 
@@ -31,6 +32,7 @@ from .llama import Llama
 HEADER = "X-FFN-Skip-Ratio"
 
 
+_APP_CREATED = False
 _RESPONSE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ffnskip_response", default=None)
 
 
@@ -92,6 +94,49 @@ class _LlamaCppView(types.ModuleType):
         return getattr(llama_cpp, name)
 
 
+def grammar_problem(g: str) -> str:
+    """A cheap structural check of a GBNF grammar before llama.cpp's parser
+    sees it (it crashes on some malformed input, e.g. ``root ::= (((``):
+    a ``root`` rule, every rule with ``::=``, balanced brackets outside
+    literals and character classes, closed literals. Returns a message or ""."""
+    if not re.search(r"(^|\n)\s*root\s*::=", g):
+        return "grammar: no rule named root (GBNF: root ::= ...)"
+    depth, i, n = [], 0, len(g)
+    while i < n:
+        ch = g[i]
+        if ch == "#":  # comment to end of line
+            while i < n and g[i] != "\n":
+                i += 1
+            continue
+        if ch == '"':
+            i += 1
+            while i < n and g[i] != '"':
+                i += 2 if g[i] == "\\" else 1
+            if i >= n:
+                return "grammar: unterminated string literal"
+        elif ch == "[":
+            i += 1
+            while i < n and g[i] != "]":
+                i += 2 if g[i] == "\\" else 1
+            if i >= n:
+                return "grammar: unterminated character class"
+        elif ch == "(":
+            depth.append(ch)
+        elif ch == ")":
+            if not depth:
+                return "grammar: unbalanced ')'"
+            depth.pop()
+        elif ch == "{":
+            depth.append(ch)
+        elif ch == "}":
+            if not depth or depth.pop() != "{":
+                return "grammar: unbalanced '}'"
+        i += 1
+    if depth:
+        return f"grammar: unclosed '{depth[-1]}'"
+    return ""
+
+
 MAX_BODY = 16 * 2**20  # bytes; a prompt is at most n_ctx tokens anyway
 
 
@@ -111,8 +156,25 @@ class _JsonBodyGuard:
     the response of a non-streaming completion gets the ``X-FFN-Skip-Ratio``
     header from a per-request holder that ``ServedLlama`` fills."""
 
-    def __init__(self, app):
+    def __init__(self, app, n_vocab: int = 0):
         self.app = app
+        self.n_vocab = n_vocab
+
+    def check(self, path: str, doc: Any) -> str:
+        """Inputs that crash llama-cpp-python's native code instead of raising
+        (upstream): out-of-range token ids (abort) and malformed grammars
+        (segfault in the GBNF parser). Returns a message, or "" when fine."""
+        if not isinstance(doc, dict):
+            return ""
+        if path.endswith("/detokenize") and isinstance(doc.get("tokens"), list):
+            bad = [t for t in doc["tokens"] if not isinstance(t, int) or isinstance(t, bool)
+                   or not 0 <= t < self.n_vocab]
+            if bad:
+                return f"token ids must be integers in [0, {self.n_vocab}), got {bad[0]!r}"
+        g = doc.get("grammar")
+        if isinstance(g, str):
+            return grammar_problem(g)
+        return ""
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -128,12 +190,13 @@ class _JsonBodyGuard:
             if size > MAX_BODY:
                 return await _error(send, 413, f"request body larger than {MAX_BODY} bytes")
         body = b"".join(chunks)
-        ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
-        if body or b"json" in ctype:
-            try:
-                json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                return await _error(send, 400, f"request body is not valid JSON: {e}")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            return await _error(send, 400, f"request body is not valid JSON: {e}" if body else "request body is empty")
+        problem = self.check(scope.get("path", ""), doc)
+        if problem:
+            return await _error(send, 400, problem)
         sent = False
 
         async def replay():
@@ -159,6 +222,9 @@ class _JsonBodyGuard:
             _RESPONSE.reset(token)
 
 
+CLIENT_ERRORS = (ValueError, UnicodeError, AssertionError, TypeError, KeyError, IndexError)
+
+
 def _patch_validation_errors() -> None:
     """llama-cpp-python's route error handler answers 500 for request
     validation errors (max_tokens=-5, temperature="hot"); they are the
@@ -174,7 +240,14 @@ def _patch_validation_errors() -> None:
     def wrapper(self, error, body=None):
         if isinstance(error, (RequestValidationError, ValidationError)):
             return 400, ErrorResponse(message=str(error), type="invalid_request_error", param=None, code=None)
-        return orig(self, error, body)
+        status, resp = orig(self, error, body)
+        if status == 500 and isinstance(error, CLIENT_ERRORS):
+            # what llama-cpp-python raises on inputs it cannot handle (empty
+            # prompt: AssertionError; a prompt list; unencodable text; bad
+            # logit_bias keys; unknown content parts): the request's fault
+            msg = str(error) or f"invalid request ({type(error).__name__})"
+            return 400, ErrorResponse(message=msg, type="invalid_request_error", param=None, code=None)
+        return status, resp
 
     wrapper._ffnskip = True  # type: ignore[attr-defined]
     RouteErrorHandler.error_message_wrapper = wrapper  # type: ignore[method-assign]
@@ -201,7 +274,21 @@ def create_app(model_path: str, *, ffn_kwargs: dict | None = None, n_ctx: int = 
 
     from .runner import _default_threads
 
+    global _APP_CREATED
+    if _APP_CREATED:
+        raise RuntimeError("one server app per process: llama-cpp-python's server keeps its model in module state")
+    from . import policy
+
     kw = dict(ffn_kwargs or {})
+    unknown = sorted(k for k in kw if k != "ffn_skip" and k not in policy.KEYWORDS)
+    if unknown:
+        raise ValueError(f"unknown FFN-skip setting(s): {', '.join(unknown)}")
+    fmt = model_settings.get("chat_format")
+    if fmt is not None:
+        try:
+            llama_cpp.llama_chat_format.get_chat_completion_handler(fmt)
+        except Exception:  # noqa: BLE001  llama-cpp-python raises a bare Exception
+            raise ValueError(f"unknown chat format {fmt!r}") from None
 
     class _Served(ServedLlama):
         # the FFN-skip keywords of this app; llama-cpp-python's loader passes the rest
@@ -212,7 +299,9 @@ def create_app(model_path: str, *, ffn_kwargs: dict | None = None, n_ctx: int = 
     threads = n_threads or _default_threads()
     ms = ModelSettings(model=str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed,
                        verbose=verbose, **model_settings)
-    ss = ServerSettings(api_key=api_key)
+    # interrupt_requests off: llama-cpp-python's default cuts a running stream
+    # whenever any other request (even GET /v1/models) waits for the model
+    ss = ServerSettings(api_key=api_key, interrupt_requests=False)
     # llama-cpp-python's server builds and calls the model through the name
     # ``llama_cpp.Llama`` of its modules (model.py: the loader; app.py:
     # ``llama_cpp.Llama.__call__`` / ``.create_chat_completion`` on the class):
@@ -223,8 +312,9 @@ def create_app(model_path: str, *, ffn_kwargs: dict | None = None, n_ctx: int = 
     model_mod.llama_cpp = view
     app_mod.llama_cpp = view
     app = app_mod.create_app(server_settings=ss, model_settings=[ms])
+    _APP_CREATED = True
 
-    @app.get("/ffn_skip/stats", tags=["FFN skip"])
+    @app.get("/ffn_skip/stats", tags=["FFN skip"], dependencies=[Depends(app_mod.authenticate)])
     def ffn_skip_stats(llama_proxy=Depends(app_mod.get_llama_proxy)) -> JSONResponse:
         """Process totals (the fields of DESIGN.md section 5), the settings in
         effect with their sources, and the last response's numbers. Taken
@@ -238,13 +328,38 @@ def create_app(model_path: str, *, ffn_kwargs: dict | None = None, n_ctx: int = 
         st["last_response"] = llm._ffn_last_response
         return JSONResponse(st)
 
-    app.add_middleware(_JsonBodyGuard)
+    app.add_middleware(_JsonBodyGuard, n_vocab=int(llama_cpp.llama_vocab_n_tokens(
+        llama_cpp.llama_model_get_vocab(app_mod._llama_proxy()._model.model))))
     return app
 
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, **kw: Any) -> None:
-    """Run the server until interrupted (uvicorn)."""
-    import uvicorn
+    """Run the server until interrupted (uvicorn). Raises OSError when the
+    address cannot be bound (checked before the model is loaded), ValueError
+    on bad settings."""
+    import socket
 
-    app = create_app(model_path, **kw)
+    import uvicorn
+    from pydantic import ValidationError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve host {host!r}: {e}") from None
+    fam, _, _, _, addr = infos[0]
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    try:
+        app = create_app(model_path, **kw)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"invalid server settings: {errs}") from None
+    import sys
+
+    print(f"serving {model_path} on http://{host}:{port}/v1 (FFN-skip stats: /ffn_skip/stats)", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -56,11 +56,15 @@ class SoakResult:
 
 def soak(path: str, *, steps: int = 20000, n_seq: int = 4, n_ctx: int = 1024, keep: int = 8, reset_every: int = 500,
          seed: int = 0, n_threads: int | None = None, progress: bool = True, **ffn: object) -> SoakResult:
-    """Run the soak; raises AssertionError on inconsistent stats or a decode
-    failure (RuntimeError from the runner)."""
+    """Run the soak; raises ValueError on bad arguments, AssertionError on
+    inconsistent stats, RuntimeError on a decode failure."""
+    if steps < 1 or not 1 <= n_seq <= 64:
+        raise ValueError(f"steps must be >= 1 and n_seq in [1, 64], got {steps}, {n_seq}")
+    if n_ctx // n_seq < 128:
+        raise ValueError(f"n_ctx ({n_ctx}) must give every sequence at least 128 positions (n_seq {n_seq})")
     rng = random.Random(seed)
     rss0 = _rss_mib()
-    r = Runner(path, n_ctx=n_ctx, n_batch=256, n_seq_max=n_seq, n_threads=n_threads)
+    r = Runner(path, n_ctx=n_ctx, n_batch=min(256, n_ctx), n_seq_max=n_seq, n_threads=n_threads)
     try:
         return _soak(r, rng, rss0, steps, n_seq, n_ctx, keep, reset_every, progress, ffn)
     finally:
@@ -126,7 +130,7 @@ def _soak(r, rng, rss0, steps, n_seq, n_ctx, keep, reset_every, progress, ffn) -
             pos[s] += 1
         tokens += n_seq
         alone += n_seq
-        if step == min(200, steps - 1):
+        if step == min(200, steps - 1):  # RSS after the first allocations settled
             rss_warm = _rss_mib()
         if step % 1000 == 999 or step == steps - 1:
             st = r.stats()
