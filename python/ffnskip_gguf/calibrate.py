@@ -83,7 +83,7 @@ from gguf import GGUFValueType
 
 from . import __version__, policy
 from ._pin import LLAMA_CPP_PYTHON_VERSION
-from .evaluate import Evaluator
+from .evaluate import EvalConfig, Evaluator
 from .metadata import check_model_file
 
 DEFAULT_BUDGET = 0.05    # issue 5: 5% relative perplexity increase
@@ -304,8 +304,7 @@ class Calibrator:
             print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
 
     def _dense(self, chunks, profile: bool = False):
-        self.r.set_policy(True, ffn_skip_threshold=NEVER, ffn_skip_warmup=0, ffn_skip_cold_start=0,
-                          ffn_skip_cold_end=0)
+        self.ev._apply(EvalConfig("dense", "dense"))  # never-firing gate on every layer: dense, with cosines
         rows: list[np.ndarray] = []
 
         def grab(r):

@@ -84,11 +84,13 @@ class ServedLlama(Llama):
 
 
 class _LlamaCppView(types.ModuleType):
-    """``llama_cpp`` as llama-cpp-python's server module sees it, with
-    ``Llama`` = ServedLlama: its routes call ``llama_cpp.Llama.__call__`` and
-    ``llama_cpp.Llama.create_chat_completion`` on the class."""
+    """``llama_cpp`` as llama-cpp-python's server modules see it, with
+    ``Llama`` = ``llama_class``: its routes call ``llama_cpp.Llama.__call__``
+    and ``llama_cpp.Llama.create_chat_completion`` on the class."""
 
-    Llama = ServedLlama
+    def __init__(self, llama_class: type) -> None:
+        super().__init__("llama_cpp")
+        self.Llama = llama_class
 
     def __getattr__(self, name: str) -> Any:
         return getattr(llama_cpp, name)
@@ -97,8 +99,8 @@ class _LlamaCppView(types.ModuleType):
 def grammar_problem(g: str) -> str:
     """A cheap structural check of a GBNF grammar before llama.cpp's parser
     sees it (it crashes on some malformed input, e.g. ``root ::= (((``):
-    a ``root`` rule, every rule with ``::=``, balanced brackets outside
-    literals and character classes, closed literals. Returns a message or ""."""
+    a ``root`` rule, balanced brackets outside literals and character
+    classes, closed literals. Returns a message or ""."""
     if not re.search(r"(^|\n)\s*root\s*::=", g):
         return "grammar: no rule named root (GBNF: root ::= ...)"
     depth, i, n = [], 0, len(g)
@@ -108,18 +110,13 @@ def grammar_problem(g: str) -> str:
             while i < n and g[i] != "\n":
                 i += 1
             continue
-        if ch == '"':
+        if ch in "\"[":  # string literal / character class: skip to its end (backslash escapes)
+            close = '"' if ch == '"' else "]"
             i += 1
-            while i < n and g[i] != '"':
+            while i < n and g[i] != close:
                 i += 2 if g[i] == "\\" else 1
             if i >= n:
-                return "grammar: unterminated string literal"
-        elif ch == "[":
-            i += 1
-            while i < n and g[i] != "]":
-                i += 2 if g[i] == "\\" else 1
-            if i >= n:
-                return "grammar: unterminated character class"
+                return "grammar: unterminated " + ("string literal" if ch == '"' else "character class")
         elif ch == "(":
             depth.append(ch)
         elif ch == ")":
@@ -307,8 +304,7 @@ def create_app(model_path: str, *, ffn_kwargs: dict | None = None, n_ctx: int = 
     # ``llama_cpp.Llama.__call__`` / ``.create_chat_completion`` on the class):
     # both modules see a view of llama_cpp whose Llama is ours. One app per
     # process (the server keeps its model in module state anyway).
-    view = _LlamaCppView("llama_cpp")
-    view.Llama = _Served  # type: ignore[attr-defined]
+    view = _LlamaCppView(_Served)
     model_mod.llama_cpp = view
     app_mod.llama_cpp = view
     app = app_mod.create_app(server_settings=ss, model_settings=[ms])
