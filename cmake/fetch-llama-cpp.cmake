@@ -104,6 +104,18 @@ if(NOT FFNSKIP_STOCK)
     endforeach()
 endif()
 
+# 2b. our shader sources, copied into the tree (the Vulkan shader generator
+# compiles every .comp of its folder; patches/0006 registers them)
+set(_ffnskip_shaders "")
+if(NOT FFNSKIP_STOCK)
+    file(GLOB _ffnskip_shaders "${FFNSKIP_ROOT}/cpp/vulkan/*.comp")
+    foreach(_sh IN LISTS _ffnskip_shaders)
+        get_filename_component(_shn "${_sh}" NAME)
+        file(SHA256 "${_sh}" _s)
+        string(APPEND _patch_sums "${_shn}:${_s};")
+    endforeach()
+endif()
+
 # 3. (re)create the patched tree when its inputs changed
 set(FFNSKIP_LLAMA_CPP_DIR "${CMAKE_BINARY_DIR}/llama.cpp")
 set(_stamp_text "${_origin}|stock=${FFNSKIP_STOCK}|${_patch_sums}")
@@ -160,6 +172,9 @@ if(NOT _old_stamp STREQUAL _stamp_text OR NOT EXISTS "${FFNSKIP_LLAMA_CPP_DIR}/C
             message(FATAL_ERROR "ffnskip-gguf: applying ${_pname} failed:\n${_out}${_err}")
         endif()
         message(STATUS "ffnskip-gguf: applied ${_pname}")
+    endforeach()
+    foreach(_sh IN LISTS _ffnskip_shaders)
+        file(COPY "${_sh}" DESTINATION "${_new}/ggml/src/ggml-vulkan/vulkan-shaders")
     endforeach()
     if(EXISTS "${FFNSKIP_LLAMA_CPP_DIR}/CMakeLists.txt")
         file(GLOB_RECURSE _files RELATIVE "${_new}" "${_new}/*")

@@ -9,9 +9,12 @@
 //   ffnskip_ffn_out(...)       end of build_ffn: predicates FFN j's weight
 //                              matmuls on the gate, masks rows when needed;
 //   ffnskip_ffn_end(o_j, j)    after the residual add of layer j.
-// The topology depends only on (mode, removed layers, ubatch shape), never on
-// data, so llama.cpp's graph reuse keeps working; policy values are read by
-// the gate op at compute time.
+// The gate is GGML_OP_FFNSKIP_GATE (cpp/ffn-skip-ggml.h): a pure op that any
+// backend runs as one kernel; its policy is a graph input. The topology
+// depends only on (mode, cold regions, removed layers, ubatch shape), never
+// on data, so llama.cpp's graph reuse (and a backend's captured command
+// graph) keeps working. The host reads the ubatch's trace back once, after
+// the compute (ffnskip_ubatch_end), for the stats.
 #include "ffn-skip-impl.h"
 
 #include "llama-graph.h"
@@ -39,12 +42,17 @@ void ffnskip_batch_begin(ffnskip_context * fctx, const llama_batch_ext & batch) 
     fctx->batch_valid = true;
 }
 
-// per-ubatch graph input: token modes (prefill / warm-up / gated) and output rows
+// per-ubatch graph input: token modes (prefill / warm-up / gated), output
+// rows and the policy; owns the tail node whose state holds the trace
 class llm_graph_input_ffnskip : public llm_graph_input_i {
 public:
     llm_graph_input_ffnskip(ffnskip_context * fctx, int32_t mode, int32_t g_lo, int32_t g_hi)
         : fctx(fctx), mode(mode), g_lo(g_lo), g_hi(g_hi) {}
-    virtual ~llm_graph_input_ffnskip() = default;
+    virtual ~llm_graph_input_ffnskip() {
+        if (fctx != nullptr && fctx->cur == this) {
+            fctx->cur = nullptr;
+        }
+    }
 
     void set_input(const llama_ubatch * ubatch) override;
 
@@ -54,9 +62,15 @@ public:
     }
 
     ffnskip_context * fctx;
-    const int32_t mode;          // the mode this graph was built with
-    const int32_t g_lo, g_hi;    // gate nodes record layers [g_lo, g_hi); the host the others
-    ggml_tensor * inp = nullptr; // F32 [n_tokens, FFNSKIP_INPUT_ROWS]; null in static mode
+    const int32_t mode;           // the mode this graph was built with
+    const int32_t g_lo, g_hi;     // gate nodes decide layers [g_lo, g_hi); the host counts the others
+    ggml_tensor * inp  = nullptr; // F32 [n_tokens, FFNSKIP_INPUT_ROWS]; null without gate nodes
+    ggml_tensor * pol  = nullptr; // F32 [FFNSKIP_POL_ROWS(L)]
+    ggml_tensor * tail = nullptr; // last gate node: its state holds the trace (graph output)
+
+    // host copy of the ubatch being computed (set_input -> ffnskip_ubatch_end)
+    std::vector<float> modes;     // FFNSKIP_IN_MODE per token
+    uint64_t n_decode = 0;
 };
 
 void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
@@ -78,7 +92,7 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
     std::vector<float> rows((size_t) n * FFNSKIP_INPUT_ROWS, 0.0f);
     float * mode_row = rows.data() + FFNSKIP_IN_MODE * n;
     float * out_row  = rows.data() + FFNSKIP_IN_OUT_IDX * n;
-    uint64_t n_decode = 0;
+    n_decode = 0;
     for (int64_t t = 0; t < n; ++t) {
         bool decode = ubatch->n_seq_id[t] > 0;
         for (int32_t s = 0; s < ubatch->n_seq_id[t]; ++s) {
@@ -109,181 +123,95 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
     for (int64_t t = r; t < n; ++t) {
         out_row[t] = (float) t;
     }
+    modes.assign(mode_row, mode_row + n);
+    fctx->cur = this;
 
-    fctx->stats.decode_tokens += n_decode;
-    // layers no gate node observes (static mode: all; adaptive: the cold
-    // regions) always run, unless statically removed
-    for (int32_t j = 0; j < L; ++j) {
-        if (mode == FFNSKIP_MODE_ADAPTIVE && j >= g_lo && j < g_hi) {
-            continue;
-        }
-        if (p.remove[j]) {
-            fctx->stats.skipped[j] += n_decode;
-        } else {
-            fctx->stats.run[j] += n_decode;
-        }
-    }
-    if (mode == FFNSKIP_MODE_ADAPTIVE) {
-        fctx->trace_tokens = (int32_t) n;
-        fctx->trace_decision.assign((size_t) n * L, 255);
-        fctx->trace_cos.assign((size_t) n * L, NAN);
-        for (int64_t t = 0; t < n; ++t) {
-            if (mode_row[t] < 1.0f) {
-                continue;
-            }
-            for (int32_t j = 0; j < L; ++j) {
-                if (j < g_lo || j >= g_hi) {
-                    fctx->trace_decision[(size_t) t * L + j] = p.remove[j] ? 2 : 0;
-                }
-            }
-        }
-    }
     if (inp != nullptr) {
         GGML_ASSERT(inp->ne[0] == n && inp->ne[1] == FFNSKIP_INPUT_ROWS);
         ggml_backend_tensor_set(inp, rows.data(), 0, rows.size() * sizeof(float));
     }
+    if (pol != nullptr) {
+        std::vector<float> pv(FFNSKIP_POL_ROWS(L), 0.0f);
+        pv[FFNSKIP_POL_MAX_SKIP] = (float) p.max_skip;
+        pv[FFNSKIP_POL_MAX_RUNS] = (float) p.max_runs;
+        pv[FFNSKIP_POL_CONTINUE] = p.continue_run ? 1.0f : 0.0f;
+        for (int32_t j = 0; j < L; ++j) {
+            const bool middle = j >= p.cold_start && j < L - p.cold_end;
+            pv[FFNSKIP_POL_LAYERS + j]         = p.threshold[j];
+            pv[FFNSKIP_POL_LAYERS + L + j]     = middle && !p.exclude[j] ? 1.0f : 0.0f;
+            pv[FFNSKIP_POL_LAYERS + 2 * L + j] = p.remove[j] ? 1.0f : 0.0f;
+        }
+        GGML_ASSERT(ggml_nelements(pol) == (int64_t) pv.size());
+        ggml_backend_tensor_set(pol, pv.data(), 0, pv.size() * sizeof(float));
+    }
 }
 
-static inline const float * ffnskip_row(const ggml_tensor * t, int row) {
-    return (const float *) ((const char *) t->data + row * t->nb[1]);
-}
-
-static inline float * ffnskip_row_mut(ggml_tensor * t, int row) {
-    return (float *) ((char *) t->data + row * t->nb[1]);
-}
-
-// cos(h, o) of one residual-stream row, accumulated in double
-static double ffnskip_cos(const ggml_tensor * h, const ggml_tensor * o, int64_t r) {
-    const int64_t d = h->ne[0];
-    const float * x = (const float *) ((const char *) h->data + r * h->nb[1]);
-    const float * y = (const float *) ((const char *) o->data + r * o->nb[1]);
-    double xy = 0.0, xx = 0.0, yy = 0.0;
-    for (int64_t i = 0; i < d; ++i) {
-        xy += (double) x[i] * y[i];
-        xx += (double) x[i] * x[i];
-        yy += (double) y[i] * y[i];
+void ffnskip_ubatch_end(ffnskip_context * fctx) {
+    if (fctx == nullptr || fctx->cur == nullptr) {
+        return;
     }
-    return xy / (std::sqrt(xx) * std::sqrt(yy));
-}
+    llm_graph_input_ffnskip * in = fctx->cur;
+    fctx->cur = nullptr;
+    const int64_t n = (int64_t) in->modes.size();
+    const int32_t L = fctx->n_layer;
+    const ffnskip_params & p = fctx->params;
+    ffnskip_stats & st = fctx->stats;
+    const bool gated = in->mode == FFNSKIP_MODE_ADAPTIVE && in->tail != nullptr;
 
-void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
-    GGML_UNUSED(nth);
-    if (ith != 0) {
-        return; // tiny: one thread
+    st.decode_tokens += in->n_decode;
+    // layers no gate node decides (static mode: all; adaptive: the cold
+    // regions) always run, unless statically removed
+    for (int32_t j = 0; j < L; ++j) {
+        if (gated && j >= in->g_lo && j < in->g_hi) {
+            continue;
+        }
+        if (p.remove[j]) {
+            st.skipped[j] += in->n_decode;
+        } else {
+            st.run[j] += in->n_decode;
+        }
     }
-    const ffnskip_gate_ud * ud = (const ffnskip_gate_ud *) userdata;
-    ffnskip_context * f = ud->fctx;
-    const int32_t il = ud->il;
-    const bool tail  = ud->tail != 0;
-    const int32_t L  = f->n_layer;
-    const ffnskip_params & p = f->params;
-    ffnskip_stats & st = f->stats;
-
-    // srcs: input, [prev state (has_prev)], [h_obs, o_obs (obs >= 0)]
-    const ggml_tensor * in   = dst->src[0];
-    const ggml_tensor * prev = ud->has_prev ? dst->src[1] : nullptr;
-    const int32_t obs        = ud->obs;
-    const ggml_tensor * h    = obs >= 0 ? dst->src[ud->has_prev ? 2 : 1] : nullptr;
-    const ggml_tensor * o    = obs >= 0 ? dst->src[ud->has_prev ? 3 : 2] : nullptr;
-    GGML_ASSERT(obs < 0 || (h != nullptr && o != nullptr));
-    const int64_t n = dst->ne[0];
-
-    GGML_ASSERT(in->type == GGML_TYPE_F32 && in->ne[0] == n && in->ne[1] == FFNSKIP_INPUT_ROWS);
-    GGML_ASSERT(dst->type == GGML_TYPE_F32 && dst->ne[1] == FFNSKIP_STATE_ROWS);
-    GGML_ASSERT(!tail || prev != nullptr);
-    if (prev != nullptr) {
-        GGML_ASSERT(prev->ne[0] == n && prev->ne[1] == FFNSKIP_STATE_ROWS);
+    if (in->mode != FFNSKIP_MODE_ADAPTIVE) {
+        return;
     }
-    if (h != nullptr) {
-        GGML_ASSERT(h->type == GGML_TYPE_F32 && o->type == GGML_TYPE_F32);
-        GGML_ASSERT(h->ne[0] == o->ne[0] && h->ne[1] == o->ne[1] && h->nb[0] == sizeof(float) && o->nb[0] == sizeof(float));
+    // the trace: decisions and cosines of the gate nodes, read back once
+    std::vector<float> tr;
+    if (gated) {
+        ggml_tensor * t = in->tail;
+        GGML_ASSERT(t->ne[0] == n && t->ne[1] == FFNSKIP_STATE_ROWS(L) && t->buffer != nullptr);
+        tr.resize((size_t) 2 * L * n);
+        ggml_backend_tensor_get(t, tr.data(), (size_t) FFNSKIP_ROW_TRACE * t->nb[1], tr.size() * sizeof(float));
     }
-    const float * mode   = ffnskip_row(in, FFNSKIP_IN_MODE);
-    const float * outidx = ffnskip_row(in, FFNSKIP_IN_OUT_IDX);
-    const bool trace = f->trace_tokens == n && f->trace_decision.size() == (size_t) n * L;
-
+    fctx->trace_tokens = (int32_t) n;
+    fctx->trace_decision.assign((size_t) n * L, FFNSKIP_DEC_NONE);
+    fctx->trace_cos.assign((size_t) n * L, NAN);
     for (int64_t t = 0; t < n; ++t) {
-        float clast, budget, run, runs;
-        const bool is_decode = mode[t] >= 1.0f;
-        float sk; // outcome of layer il-1: 0 ran, 1 skipped, 2 removed
-        if (prev == nullptr) {
-            // first gate node: layer obs (the last earlier layer not removed, if
-            // any) is a cold layer that ran; the host counts it
-            clast = NAN; budget = (float) p.max_skip; run = 0.0f; runs = 0.0f;
-            sk = 0.0f;
-        } else {
-            clast  = ffnskip_row(prev, FFNSKIP_ROW_CLAST)[t];
-            budget = ffnskip_row(prev, FFNSKIP_ROW_BUDGET)[t];
-            run    = ffnskip_row(prev, FFNSKIP_ROW_RUN)[t];
-            runs   = ffnskip_row(prev, FFNSKIP_ROW_RUNS)[t];
-            sk     = ffnskip_row(prev, FFNSKIP_ROW_SKIP)[t];
-            if (is_decode) {
-                const int32_t jp = il - 1;
-                if (sk != 0.0f) {
-                    st.skipped[jp]++;
+        if (in->modes[t] < 1.0f) {
+            continue; // prefill: not gated
+        }
+        for (int32_t j = 0; j < L; ++j) {
+            uint8_t d;
+            if (gated && j >= in->g_lo && j < in->g_hi) {
+                const float v = tr[(size_t) j * n + t];
+                d = v == 1.0f ? FFNSKIP_DEC_SKIP : v == 2.0f ? FFNSKIP_DEC_REMOVED : FFNSKIP_DEC_RUN;
+                GGML_ASSERT(v == 0.0f || v == 1.0f || v == 2.0f);
+                if (d == FFNSKIP_DEC_RUN) {
+                    st.run[j]++;
                 } else {
-                    st.run[jp]++;
+                    st.skipped[j]++;
                 }
-                if (trace) {
-                    f->trace_decision[(size_t) t * L + jp] = (uint8_t) sk;
-                }
-            }
-        }
-        if (h != nullptr && sk == 0.0f && is_decode) {
-            // cosine of layer obs (prefill tokens never gate: none needed);
-            // row of token t in h/o: all tokens, or (last layer) output tokens only
-            const int32_t jp = obs;
-            int64_t r = -1;
-            if (h->ne[1] == n) {
-                r = t;
             } else {
-                for (int64_t q = 0; q < h->ne[1]; ++q) {
-                    if ((int64_t) outidx[q] == t) {
-                        r = q;
-                        break;
-                    }
+                d = p.remove[j] ? FFNSKIP_DEC_REMOVED : FFNSKIP_DEC_RUN;
+            }
+            fctx->trace_decision[(size_t) t * L + j] = d;
+            if (gated) {
+                const float c = tr[(size_t) (L + j) * n + t];
+                fctx->trace_cos[(size_t) t * L + j] = c;
+                if (!std::isnan(c)) {
+                    st.cos_sum[j] += c;
+                    st.cos_count[j]++;
                 }
             }
-            if (r >= 0) {
-                const double c = ffnskip_cos(h, o, r);
-                clast = (float) c;
-                st.cos_sum[jp] += c;
-                st.cos_count[jp]++;
-                if (trace) {
-                    f->trace_cos[(size_t) t * L + jp] = (float) c;
-                }
-            }
-        }
-        if (tail) {
-            continue; // stats of layer il-1 only
-        }
-
-        // decision for layer il (DESIGN.md section 3)
-        float d;
-        if (p.remove[il]) {
-            d = 2.0f; // statically removed: no FFN in the graph, run state untouched
-        } else if (mode[t] != 2.0f || il < p.cold_start || il >= L - p.cold_end || p.exclude[il]) {
-            d = 0.0f; run = 0.0f;
-        } else if (run != 0.0f && p.continue_run && budget > 0.0f) {
-            d = 1.0f; budget -= 1.0f;
-        } else if (runs < (float) p.max_runs && budget > 0.0f && clast > p.threshold[il]) {
-            d = 1.0f; run = 1.0f; runs += 1.0f; budget -= 1.0f;
-        } else {
-            d = 0.0f; run = 0.0f;
-        }
-        ffnskip_row_mut(dst, FFNSKIP_ROW_CLAST)[t]  = clast;
-        ffnskip_row_mut(dst, FFNSKIP_ROW_BUDGET)[t] = budget;
-        ffnskip_row_mut(dst, FFNSKIP_ROW_RUN)[t]    = run;
-        ffnskip_row_mut(dst, FFNSKIP_ROW_RUNS)[t]   = runs;
-        ffnskip_row_mut(dst, FFNSKIP_ROW_SKIP)[t]   = d;
-        ffnskip_row_mut(dst, FFNSKIP_ROW_KEEP)[t]   = d == 0.0f ? 1.0f : 0.0f;
-    }
-    if (!tail) {
-        const float * keep = ffnskip_row(dst, FFNSKIP_ROW_KEEP);
-        float * keep_out   = ffnskip_row_mut(dst, FFNSKIP_ROW_KEEP_OUT);
-        for (int64_t r = 0; r < n; ++r) {
-            const int64_t t = (int64_t) outidx[r];
-            keep_out[r] = (t >= 0 && t < n) ? keep[t] : 1.0f;
         }
     }
 }
@@ -306,7 +234,9 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
         b.g_hi     = f->n_layer - p.cold_end;
         // gate nodes only for the middle layers (cold layers always run)
         b.adaptive = mode == FFNSKIP_MODE_ADAPTIVE && b.g_lo < b.g_hi;
+        b.inp      = nullptr;
         b.input    = nullptr;
+        b.policy   = nullptr;
         b.state    = nullptr;
         b.gate_il  = nullptr;
         b.h.assign(f->n_layer, nullptr);
@@ -317,8 +247,13 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
                 inp->inp = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, n_tokens, FFNSKIP_INPUT_ROWS);
                 ggml_set_input(inp->inp);
                 ggml_set_name(inp->inp, "ffnskip_inp");
-                b.input = inp->inp;
+                inp->pol = ggml_new_tensor_1d(ctx0, GGML_TYPE_F32, FFNSKIP_POL_ROWS(f->n_layer));
+                ggml_set_input(inp->pol);
+                ggml_set_name(inp->pol, "ffnskip_policy");
+                b.input  = inp->inp;
+                b.policy = inp->pol;
             }
+            b.inp = inp.get();
             res->add_input(std::move(inp));
         }
     }
@@ -328,30 +263,25 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
     b.h[il]   = ffn_inp;
     b.gate_il = nullptr;
     if (b.adaptive && il >= b.g_lo && il < b.g_hi) {
-        ggml_tensor * args[4];
-        int n_args = 0;
-        ffnskip_gate_ud & ud = f->ud[il];
-        args[n_args++] = b.input;
-        ud.has_prev = il > b.g_lo ? 1 : 0;
-        if (ud.has_prev) {
-            GGML_ASSERT(b.state != nullptr);
-            args[n_args++] = b.state;
-        }
+        const bool has_prev = il > b.g_lo;
+        GGML_ASSERT(!has_prev || b.state != nullptr);
         // the layer whose cosine feeds this decision: il-1, or for the first
         // gate node the last earlier layer whose FFN is in the graph
-        ud.obs = il - 1;
-        if (!ud.has_prev) {
-            while (ud.obs >= 0 && f->params.remove[ud.obs]) {
-                ud.obs--;
+        int32_t obs = il - 1;
+        if (!has_prev) {
+            while (obs >= 0 && f->params.remove[obs]) {
+                obs--;
             }
         }
-        if (ud.obs >= 0) {
-            GGML_ASSERT(b.h[ud.obs] != nullptr && b.o[ud.obs] != nullptr);
-            args[n_args++] = b.h[ud.obs];
-            args[n_args++] = b.o[ud.obs];
+        ggml_tensor * h = nullptr;
+        ggml_tensor * o = nullptr;
+        if (obs >= 0) {
+            GGML_ASSERT(b.h[obs] != nullptr && b.o[obs] != nullptr);
+            h = b.h[obs];
+            o = b.o[obs];
         }
-        ggml_tensor * g = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_tokens, FFNSKIP_STATE_ROWS, 1, 1,
-                                         args, n_args, ffnskip_gate_op, 1, &f->ud[il]);
+        ggml_tensor * g = ggml_ffnskip_gate(ctx0, b.input, b.policy, has_prev ? b.state : nullptr, h, o,
+                                            il, 0, obs, f->n_layer);
         ggml_format_name(g, "ffnskip_gate-%d", il);
         b.state   = g;
         b.gate_il = g;
@@ -368,14 +298,15 @@ void llm_graph_context::ffnskip_ffn_end(ggml_tensor * l_out, int il) const {
     b.o[il] = l_out;
     b.gate_il = nullptr;
     if (b.adaptive && il == b.g_hi - 1) {
-        // tail: records the outcome (and cosine) of the last gated layer
-        f->ud_tail[il + 1].has_prev = 1;
-        f->ud_tail[il + 1].obs = il;
-        ggml_tensor * args[4] = { b.input, b.state, b.h[il], b.o[il] };
-        ggml_tensor * tail = ggml_custom_4d(ctx0, GGML_TYPE_F32, n_tokens, FFNSKIP_STATE_ROWS, 1, 1,
-                                            args, 4, ffnskip_gate_op, 1, &f->ud_tail[il + 1]);
+        // tail: records the outcome (and cosine) of the last gated layer; its
+        // state holds the ubatch's trace, read by ffnskip_ubatch_end
+        ggml_tensor * tail = ggml_ffnskip_gate(ctx0, b.input, b.policy, b.state, b.h[il], b.o[il],
+                                               il + 1, 1, il, f->n_layer);
         ggml_format_name(tail, "ffnskip_tail-%d", il + 1);
+        ggml_set_output(tail);
         ggml_build_forward_expand(gf, tail);
+        GGML_ASSERT(b.inp != nullptr);
+        b.inp->tail = tail;
     }
 }
 
@@ -423,10 +354,13 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
         }
     }
 
-    // Exact zeros come from the predicated matmuls when every token skips.
-    // Otherwise (several tokens, biases/scales/LoRA, or a second backend
-    // that may run the matmul without the predicate) mask the rows.
-    const bool need_mask = has_extra || n_tokens > 1 || ggml_backend_sched_get_n_backends(sched) > 1;
+    // Exact zeros come from the predicated matmuls when every token skips:
+    // every FFN weight is on a backend with the predicated path (checked by
+    // ffnskip_check_supported), and a one-token matmul runs where its weights
+    // are. Otherwise (several tokens: a matmul may be offloaded to a backend
+    // without the predicate or take a non-predicated kernel; biases, scales
+    // or LoRA read the outputs) mask the rows.
+    const bool need_mask = has_extra || n_tokens > 1;
     if (need_mask) {
         const int64_t rows = out->ne[1];
         GGML_ASSERT(ggml_nrows(out) == rows && rows <= n_tokens);

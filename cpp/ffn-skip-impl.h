@@ -18,15 +18,7 @@ struct llama_batch_ext;
 struct ggml_tensor;
 struct ffnskip_context;
 
-// userdata of one gate node: the layer il it decides; a tail node (tail = 1)
-// decides nothing and only records the outcome of layer il - 1
-struct ffnskip_gate_ud {
-    ffnskip_context * fctx;
-    int32_t il;
-    int32_t tail;
-    int32_t has_prev; // src[1] is the previous gate node (set when the graph is built)
-    int32_t obs;      // layer whose h/o this node reads (-1: none); normally il - 1
-};
+class llm_graph_input_ffnskip;
 
 struct ffnskip_context {
     const llama_model * model = nullptr;
@@ -50,15 +42,18 @@ struct ffnskip_context {
     std::vector<uint8_t> trace_decision; // [n_tokens * n_layer]
     std::vector<float>   trace_cos;      // [n_tokens * n_layer]
 
-    std::vector<ffnskip_gate_ud> ud;      // [n_layer]: gate node of layer il
-    std::vector<ffnskip_gate_ud> ud_tail; // [n_layer + 1]: tail node after layer il - 1
+    // graph input of the ubatch being computed (set by its set_input, read
+    // once by ffnskip_ubatch_end after the compute)
+    llm_graph_input_ffnskip * cur = nullptr;
 
     // graph-build scratch (valid while one graph is being built)
     struct {
         bool active = false;               // this graph carries the hooks
         bool adaptive = false;             // gate nodes present
         int32_t g_lo = 0, g_hi = 0;        // gate nodes decide layers [g_lo, g_hi)
+        llm_graph_input_ffnskip * inp = nullptr; // this graph's input object (owned by the graph result)
         ggml_tensor * input = nullptr;     // F32 [n_tokens, FFNSKIP_INPUT_ROWS]
+        ggml_tensor * policy = nullptr;    // F32 [FFNSKIP_POL_ROWS(L)]
         ggml_tensor * state = nullptr;     // last gate node
         ggml_tensor * gate_il = nullptr;   // gate of the layer being built
         std::vector<ggml_tensor *> h;      // ffn_inp per layer
@@ -75,5 +70,7 @@ void              ffnskip_context_free(ffnskip_context * fctx);
 // called by llama_context::decode with the whole batch (patches/0001); fctx may be NULL
 void ffnskip_batch_begin(ffnskip_context * fctx, const llama_batch_ext & batch);
 
-// gate op (GGML_OP_CUSTOM on the CPU backend): see ffn-skip-graph.cpp
-void ffnskip_gate_op(ggml_tensor * dst, int ith, int nth, void * userdata);
+// called by llama_context::process_ubatch after a successful graph compute
+// (patches/0001): reads the ubatch's trace back (one small read, only when
+// the ubatch has gate nodes) and accumulates the stats; fctx may be NULL
+void ffnskip_ubatch_end(ffnskip_context * fctx);

@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cstring>
 #include <cstdarg>
+#include <cstdlib>
+#include <string>
 
 #ifndef FFNSKIP_LLAMA_CPP_PYTHON_VERSION
 #    error "FFNSKIP_LLAMA_CPP_PYTHON_VERSION must be defined by the build"
@@ -124,21 +126,57 @@ static bool ffnskip_arch_hooked(llm_arch arch) {
     }
 }
 
-static bool ffnskip_weight_on_cpu(const ggml_tensor * w) {
+// Where an FFN weight is computed, and whether that backend has the gate op
+// and the predicated matmul. Returns true when it has; else why in *why.
+//  - host memory (mmap'd file, CPU buffers, pinned host buffers) and the CPU
+//    device's extra buffer types (repack): the CPU backend (patches/0004);
+//  - a Vulkan device (patches/0006, cpp/ffn-skip-vulkan.cpp): verified on
+//    Mesa's lavapipe; a device that would take a mat-vec path lavapipe
+//    cannot run (integer dot product) needs FFNSKIP_VULKAN_UNVERIFIED=1;
+//  - anything else (CUDA, Metal, SYCL, ...): no predicated path yet.
+static bool ffnskip_weight_backend_ok(const ggml_tensor * w, std::string & why) {
     if (w == nullptr) {
         return true;
     }
     if (w->buffer == nullptr) {
+        why = std::string("FFN weight ") + ggml_get_name(w) + " has no buffer";
         return false;
     }
-    // host memory (mmap'd file, CPU buffers, pinned host buffers) is computed
-    // by the CPU backend; so are the CPU device's extra buffer types (repack)
     if (ggml_backend_buffer_is_host(w->buffer)) {
         return true;
     }
     ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(w->buffer);
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
-    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    if (dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return true;
+    }
+    ggml_backend_reg_t reg = dev != nullptr ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    const char * reg_name  = reg != nullptr ? ggml_backend_reg_name(reg) : "";
+    if (reg != nullptr && std::strcmp(reg_name, "Vulkan") == 0) {
+        typedef const char * (*unverified_fn)(ggml_backend_dev_t);
+        unverified_fn fn = (unverified_fn) ggml_backend_reg_get_proc_address(reg, "ffnskip_vk_unverified_path");
+        if (fn == nullptr) {
+            why = "the Vulkan backend was built without the FFN-skip gate; decoding dense";
+            return false;
+        }
+        const char * path = fn(dev);
+        if (path == nullptr) {
+            return true;
+        }
+        const char * env = std::getenv("FFNSKIP_VULKAN_UNVERIFIED");
+        if (env != nullptr && std::strcmp(env, "1") == 0) {
+            LLAMA_LOG_WARN("ffnskip: Vulkan device %s takes the %s path, which has the predicate but is unverified; "
+                           "gating anyway (FFNSKIP_VULKAN_UNVERIFIED=1)\n", ggml_backend_dev_name(dev), path);
+            return true;
+        }
+        why = std::string("Vulkan device ") + ggml_backend_dev_name(dev) + " would take the " + path +
+              " path, which is unverified (checked only on lavapipe); decoding dense "
+              "(set FFNSKIP_VULKAN_UNVERIFIED=1 to gate anyway)";
+        return false;
+    }
+    why = std::string("FFN weight ") + ggml_get_name(w) + " is on backend buffer '" + ggml_backend_buft_name(buft) +
+          "', which has no predicated FFN path yet (per model: every layer decodes dense)";
+    return false;
 }
 
 static void ffnskip_check_supported(ffnskip_context * fctx) {
@@ -161,13 +199,11 @@ static void ffnskip_check_supported(ffnskip_context * fctx) {
             return;
         }
         for (const ggml_tensor * w : { layer.ffn_up, layer.ffn_gate, layer.ffn_down }) {
-            if (ffnskip_weight_on_cpu(w)) {
-                continue;
+            std::string why;
+            if (!ffnskip_weight_backend_ok(w, why)) {
+                fctx->reason = why;
+                return;
             }
-            const char * where = w->buffer ? ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)) : "(none)";
-            fctx->reason = std::string("FFN weight ") + ggml_get_name(w) + " is on backend buffer '" + where +
-                           "', which has no predicated FFN path yet; decoding dense";
-            return;
         }
     }
     fctx->supported = true;
@@ -183,14 +219,6 @@ ffnskip_context * ffnskip_context_new(const llama_model * model) {
     fctx->stats.n_layer = std::min(fctx->n_layer, (int32_t) FFNSKIP_MAX_LAYERS);
     ffnskip_check_supported(fctx);
     fctx->stats.supported = fctx->supported ? 1 : 0;
-    fctx->ud.resize(fctx->n_layer);
-    fctx->ud_tail.resize(fctx->n_layer + 1);
-    for (int il = 0; il <= fctx->n_layer; ++il) {
-        if (il < fctx->n_layer) {
-            fctx->ud[il] = { fctx, il, 0, 0, il - 1 };
-        }
-        fctx->ud_tail[il] = { fctx, il, 1, 1, il - 1 };
-    }
     return fctx;
 }
 

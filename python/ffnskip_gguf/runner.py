@@ -38,16 +38,21 @@ class Runner:
         n_threads: CPU threads (default: the CPUs this process may use; llama.cpp's
             own default of 4 oversubscribes small machines).
         flash_attn: None = llama.cpp's default (auto: on for the CPU backend), True, False.
+        n_gpu_layers: layers offloaded to a GPU backend (None: llama.cpp's default,
+            all of them when the library has a GPU backend; 0: none; -1: all).
         verbose: show llama.cpp's loading log (stderr).
     Raises:
         RuntimeError: the model or context could not be created.
     """
 
     def __init__(self, path: str, *, n_ctx: int = 1024, n_batch: int = 256, n_seq_max: int = 1, cb=None,
-                 n_threads: int | None = None, flash_attn: bool | None = None, verbose: bool = False):
+                 n_threads: int | None = None, flash_attn: bool | None = None, n_gpu_layers: int | None = None,
+                 verbose: bool = False):
         from llama_cpp._utils import suppress_stdout_stderr
 
         mp = llama_cpp.llama_model_default_params()
+        if n_gpu_layers is not None:
+            mp.n_gpu_layers = int(n_gpu_layers)
         with suppress_stdout_stderr(disable=verbose):
             self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
