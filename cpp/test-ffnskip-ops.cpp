@@ -261,6 +261,7 @@ int main(int argc, char ** argv) {
         fprintf(stderr, "usage: %s <backend name, e.g. Vulkan0>\n", argv[0]);
         return 2;
     }
+    setvbuf(stdout, nullptr, _IOLBF, 0); // lines survive a crash (see tests/test_vulkan.py)
     ggml_backend_load_all();
     ggml_backend_dev_t dev = ggml_backend_dev_by_name(argv[1]);
     if (dev == nullptr) {
