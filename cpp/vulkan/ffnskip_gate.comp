@@ -150,35 +150,35 @@ void main() {
                 }
             }
         }
-        if (tid != 0u) {
-            continue;
+        // the state machine: thread 0 alone (every thread stays in the loop,
+        // so all of them meet the same barriers in the same order)
+        if (tid == 0u) {
+            data_d[ROW_CLAST * n + t] = clast;
+            if (p.tail == 0u) {
+                const float thr   = data_pol[POL_LAYERS + p.il];
+                const float gated = data_pol[POL_LAYERS + L + p.il];
+                const float rem   = data_pol[POL_LAYERS + 2u * L + p.il];
+                float dec;
+                if (rem != 0.0) {
+                    dec = 2.0;
+                } else if (mode != 2.0 || gated == 0.0) {
+                    dec = 0.0; run = 0.0;
+                } else if (run != 0.0 && data_pol[POL_CONTINUE] != 0.0 && budget > 0.0) {
+                    dec = 1.0; budget -= 1.0;
+                } else if (runs < data_pol[POL_MAX_RUNS] && budget > 0.0 && finite_f(clast) && clast > thr) {
+                    dec = 1.0; run = 1.0; runs += 1.0; budget -= 1.0;
+                } else {
+                    dec = 0.0; run = 0.0;
+                }
+                data_d[ROW_BUDGET * n + t] = budget;
+                data_d[ROW_RUN    * n + t] = run;
+                data_d[ROW_RUNS   * n + t] = runs;
+                data_d[ROW_SKIP   * n + t] = dec;
+                data_d[ROW_KEEP   * n + t] = dec == 0.0 ? 1.0 : 0.0;
+                data_d[(ROW_TRACE + p.il) * n + t] = is_decode ? dec : DEC_NONE;
+                all = all && dec != 0.0;
+            }
         }
-        data_d[ROW_CLAST * n + t] = clast;
-        if (p.tail != 0u) {
-            continue;
-        }
-        const float thr   = data_pol[POL_LAYERS + p.il];
-        const float gated = data_pol[POL_LAYERS + L + p.il];
-        const float rem   = data_pol[POL_LAYERS + 2u * L + p.il];
-        float dec;
-        if (rem != 0.0) {
-            dec = 2.0;
-        } else if (mode != 2.0 || gated == 0.0) {
-            dec = 0.0; run = 0.0;
-        } else if (run != 0.0 && data_pol[POL_CONTINUE] != 0.0 && budget > 0.0) {
-            dec = 1.0; budget -= 1.0;
-        } else if (runs < data_pol[POL_MAX_RUNS] && budget > 0.0 && finite_f(clast) && clast > thr) {
-            dec = 1.0; run = 1.0; runs += 1.0; budget -= 1.0;
-        } else {
-            dec = 0.0; run = 0.0;
-        }
-        data_d[ROW_BUDGET * n + t] = budget;
-        data_d[ROW_RUN    * n + t] = run;
-        data_d[ROW_RUNS   * n + t] = runs;
-        data_d[ROW_SKIP   * n + t] = dec;
-        data_d[ROW_KEEP   * n + t] = dec == 0.0 ? 1.0 : 0.0;
-        data_d[(ROW_TRACE + p.il) * n + t] = is_decode ? dec : DEC_NONE;
-        all = all && dec != 0.0;
     }
     if (tid == 0u && p.tail == 0u) {
         for (uint r = 0u; r < n; ++r) {
