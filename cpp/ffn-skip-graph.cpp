@@ -193,8 +193,8 @@ void ffnskip_ubatch_end(ffnskip_context * fctx) {
             uint8_t d;
             if (gated && j >= in->g_lo && j < in->g_hi) {
                 const float v = tr[(size_t) j * n + t];
-                d = v == 1.0f ? FFNSKIP_DEC_SKIP : v == 2.0f ? FFNSKIP_DEC_REMOVED : FFNSKIP_DEC_RUN;
                 GGML_ASSERT(v == 0.0f || v == 1.0f || v == 2.0f);
+                d = (uint8_t) v; // FFNSKIP_DEC_RUN / _SKIP / _REMOVED
                 if (d == FFNSKIP_DEC_RUN) {
                     st.run[j]++;
                 } else {
@@ -235,8 +235,6 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
         // gate nodes only for the middle layers (cold layers always run)
         b.adaptive = mode == FFNSKIP_MODE_ADAPTIVE && b.g_lo < b.g_hi;
         b.inp      = nullptr;
-        b.input    = nullptr;
-        b.policy   = nullptr;
         b.state    = nullptr;
         b.gate_il  = nullptr;
         b.h.assign(f->n_layer, nullptr);
@@ -250,8 +248,6 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
                 inp->pol = ggml_new_tensor_1d(ctx0, GGML_TYPE_F32, FFNSKIP_POL_ROWS(f->n_layer));
                 ggml_set_input(inp->pol);
                 ggml_set_name(inp->pol, "ffnskip_policy");
-                b.input  = inp->inp;
-                b.policy = inp->pol;
             }
             b.inp = inp.get();
             res->add_input(std::move(inp));
@@ -280,7 +276,7 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
             h = b.h[obs];
             o = b.o[obs];
         }
-        ggml_tensor * g = ggml_ffnskip_gate(ctx0, b.input, b.policy, has_prev ? b.state : nullptr, h, o,
+        ggml_tensor * g = ggml_ffnskip_gate(ctx0, b.inp->inp, b.inp->pol, has_prev ? b.state : nullptr, h, o,
                                             il, 0, obs, f->n_layer);
         ggml_format_name(g, "ffnskip_gate-%d", il);
         b.state   = g;
@@ -300,12 +296,12 @@ void llm_graph_context::ffnskip_ffn_end(ggml_tensor * l_out, int il) const {
     if (b.adaptive && il == b.g_hi - 1) {
         // tail: records the outcome (and cosine) of the last gated layer; its
         // state holds the ubatch's trace, read by ffnskip_ubatch_end
-        ggml_tensor * tail = ggml_ffnskip_gate(ctx0, b.input, b.policy, b.state, b.h[il], b.o[il],
+        GGML_ASSERT(b.inp != nullptr);
+        ggml_tensor * tail = ggml_ffnskip_gate(ctx0, b.inp->inp, b.inp->pol, b.state, b.h[il], b.o[il],
                                                il + 1, 1, il, f->n_layer);
         ggml_format_name(tail, "ffnskip_tail-%d", il + 1);
         ggml_set_output(tail);
         ggml_build_forward_expand(gf, tail);
-        GGML_ASSERT(b.inp != nullptr);
         b.inp->tail = tail;
     }
 }

@@ -51,9 +51,7 @@ struct ffnskip_context {
         bool active = false;               // this graph carries the hooks
         bool adaptive = false;             // gate nodes present
         int32_t g_lo = 0, g_hi = 0;        // gate nodes decide layers [g_lo, g_hi)
-        llm_graph_input_ffnskip * inp = nullptr; // this graph's input object (owned by the graph result)
-        ggml_tensor * input = nullptr;     // F32 [n_tokens, FFNSKIP_INPUT_ROWS]
-        ggml_tensor * policy = nullptr;    // F32 [FFNSKIP_POL_ROWS(L)]
+        llm_graph_input_ffnskip * inp = nullptr; // this graph's inputs (token rows, policy; owned by the graph result)
         ggml_tensor * state = nullptr;     // last gate node
         ggml_tensor * gate_il = nullptr;   // gate of the layer being built
         std::vector<ggml_tensor *> h;      // ffn_inp per layer
