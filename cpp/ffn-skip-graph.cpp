@@ -33,6 +33,7 @@ void ffnskip_batch_begin(ffnskip_context * fctx, const llama_batch_ext & batch) 
     if (fctx == nullptr) {
         return;
     }
+    fctx->cur = nullptr; // no ubatch of this batch has set its inputs yet
     fctx->batch_seq_count.clear();
     for (const auto & tok : batch.tokens) {
         for (llama_seq_id s : tok.seq_ids) {
@@ -48,11 +49,11 @@ class llm_graph_input_ffnskip : public llm_graph_input_i {
 public:
     llm_graph_input_ffnskip(ffnskip_context * fctx, int32_t mode, int32_t g_lo, int32_t g_hi)
         : fctx(fctx), mode(mode), g_lo(g_lo), g_hi(g_hi) {}
-    virtual ~llm_graph_input_ffnskip() {
-        if (fctx != nullptr && fctx->cur == this) {
-            fctx->cur = nullptr;
-        }
-    }
+    // no destructor work: llama_context frees its ffnskip_context before its
+    // graph results (patches/0001), so fctx may be gone here; fctx->cur is
+    // set by set_input and cleared by ffnskip_ubatch_end of the same
+    // process_ubatch, and reset by ffnskip_batch_begin
+    virtual ~llm_graph_input_ffnskip() = default;
 
     void set_input(const llama_ubatch * ubatch) override;
 

@@ -50,5 +50,6 @@ if [ "$#" -eq 0 ]; then
     set -- test_gate.py test_dense_exact.py test_bad_inputs.py test_fuzz_metadata.py test_concurrency.py
 fi
 # the stock reference build is not sanitized; test_dense_exact compares against it in a subprocess
-"$PY" -m pytest -x -q -p no:cacheprovider "$@"
+# -s: a sanitizer report goes to stderr just before the abort; captured output would be lost
+"$PY" -m pytest -x -q -s -p no:cacheprovider "$@"
 echo "   tests took $(( $(date +%s) - start )) s; no sanitizer report"
