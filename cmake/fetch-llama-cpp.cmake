@@ -104,17 +104,25 @@ if(NOT FFNSKIP_STOCK)
     endforeach()
 endif()
 
-# 2b. our shader sources, copied into the tree (the Vulkan shader generator
-# compiles every .comp of its folder; patches/0006 registers them)
+# 2b. our shader and kernel sources, copied into the tree (the Vulkan shader
+# generator compiles every .comp of its folder, patches/0006 registers them;
+# ggml-cuda compiles every .cu of its folder)
 set(_ffnskip_shaders "")
+set(_ffnskip_cuda "")
 if(NOT FFNSKIP_STOCK)
     file(GLOB _ffnskip_shaders "${FFNSKIP_ROOT}/cpp/vulkan/*.comp")
-    foreach(_sh IN LISTS _ffnskip_shaders)
+    # and the CUDA kernels (ggml-cuda compiles every .cu of its folder; patches/0007)
+    set(_ffnskip_cuda "${FFNSKIP_ROOT}/cpp/ffn-skip-cuda.cu")
+    foreach(_sh IN LISTS _ffnskip_shaders _ffnskip_cuda)
         get_filename_component(_shn "${_sh}" NAME)
         file(SHA256 "${_sh}" _s)
         string(APPEND _patch_sums "${_shn}:${_s};")
     endforeach()
 endif()
+
+# an edited patch, shader or kernel re-runs the configure step
+set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS
+    "${FFNSKIP_ROOT}/patches/series" ${_patches} ${_ffnskip_shaders} ${_ffnskip_cuda})
 
 # 3. (re)create the patched tree when its inputs changed
 set(FFNSKIP_LLAMA_CPP_DIR "${CMAKE_BINARY_DIR}/llama.cpp")
@@ -175,6 +183,9 @@ if(NOT _old_stamp STREQUAL _stamp_text OR NOT EXISTS "${FFNSKIP_LLAMA_CPP_DIR}/C
     endforeach()
     foreach(_sh IN LISTS _ffnskip_shaders)
         file(COPY "${_sh}" DESTINATION "${_new}/ggml/src/ggml-vulkan/vulkan-shaders")
+    endforeach()
+    foreach(_cu IN LISTS _ffnskip_cuda)
+        file(COPY "${_cu}" DESTINATION "${_new}/ggml/src/ggml-cuda")
     endforeach()
     if(EXISTS "${FFNSKIP_LLAMA_CPP_DIR}/CMakeLists.txt")
         file(GLOB_RECURSE _files RELATIVE "${_new}" "${_new}/*")

@@ -133,8 +133,11 @@ static bool ffnskip_arch_hooked(llm_arch arch) {
 //  - a Vulkan device (patches/0006, cpp/ffn-skip-vulkan.cpp): verified on
 //    Mesa's lavapipe; a device that would take a mat-vec path lavapipe
 //    cannot run (integer dot product) needs FFNSKIP_VULKAN_UNVERIFIED=1;
-//  - anything else (CUDA, Metal, SYCL, ...): no predicated path yet.
-static bool ffnskip_weight_backend_ok(const ggml_tensor * w, std::string & why) {
+//  - a CUDA device (patches/0007, cpp/ffn-skip-cuda.cu): compiled in CI, not
+//    yet checked on a GPU (tests/gpu/check.sh), so it gates only with
+//    FFNSKIP_CUDA_GATE=1 (*note says so); a row split across GPUs never;
+//  - anything else (ROCm, Metal, SYCL, ...): no predicated path yet.
+static bool ffnskip_weight_backend_ok(const ggml_tensor * w, std::string & why, std::string & note) {
     if (w == nullptr) {
         return true;
     }
@@ -174,6 +177,27 @@ static bool ffnskip_weight_backend_ok(const ggml_tensor * w, std::string & why) 
               "(set FFNSKIP_VULKAN_UNVERIFIED=1 to gate anyway)";
         return false;
     }
+    if (reg != nullptr && std::strcmp(reg_name, "CUDA") == 0) {
+        typedef int32_t (*gate_fn)(void);
+        gate_fn fn = (gate_fn) ggml_backend_reg_get_proc_address(reg, "ffnskip_cuda_gate");
+        if (fn == nullptr || fn() < 1) {
+            why = "the CUDA backend was built without the FFN-skip gate; decoding dense";
+            return false;
+        }
+        if (std::strstr(ggml_backend_buft_name(buft), "Split") != nullptr) {
+            why = std::string("FFN weight ") + ggml_get_name(w) + " is split across GPUs (buffer '" +
+                  ggml_backend_buft_name(buft) + "'), which has no predicated path (per model: every layer decodes dense)";
+            return false;
+        }
+        const char * env = std::getenv("FFNSKIP_CUDA_GATE");
+        if (env != nullptr && std::strcmp(env, "1") == 0) {
+            note = "CUDA gate on by FFNSKIP_CUDA_GATE=1: compiled, not yet verified on a GPU (tests/gpu/check.sh)";
+            return true;
+        }
+        why = "the CUDA gate is compiled but not yet verified on a GPU (tests/gpu/check.sh); decoding dense "
+              "(per model; set FFNSKIP_CUDA_GATE=1 to gate anyway)";
+        return false;
+    }
     why = std::string("FFN weight ") + ggml_get_name(w) + " is on backend buffer '" + ggml_backend_buft_name(buft) +
           "', which has no predicated FFN path yet (per model: every layer decodes dense)";
     return false;
@@ -192,6 +216,7 @@ static void ffnskip_check_supported(ffnskip_context * fctx) {
                        std::to_string(FFNSKIP_MAX_LAYERS) + " supported";
         return;
     }
+    std::string note;
     for (int il = 0; il < fctx->n_layer; ++il) {
         const llama_layer & layer = model.layers[il];
         if (layer.ffn_gate_inp != nullptr || layer.ffn_down == nullptr) {
@@ -200,14 +225,18 @@ static void ffnskip_check_supported(ffnskip_context * fctx) {
         }
         for (const ggml_tensor * w : { layer.ffn_up, layer.ffn_gate, layer.ffn_down }) {
             std::string why;
-            if (!ffnskip_weight_backend_ok(w, why)) {
+            if (!ffnskip_weight_backend_ok(w, why, note)) {
                 fctx->reason = why;
                 return;
             }
         }
     }
     fctx->supported = true;
-    fctx->reason.clear();
+    // supported: the reason is empty, or says which unverified path is in effect
+    fctx->reason = note;
+    if (!note.empty()) {
+        LLAMA_LOG_WARN("ffnskip: %s\n", note.c_str());
+    }
 }
 
 ffnskip_context * ffnskip_context_new(const llama_model * model) {
@@ -282,11 +311,26 @@ int32_t ffnskip_supported(llama_context * ctx, char * reason, size_t reason_len)
         ffnskip_err(reason, reason_len, "context is NULL");
         return 0;
     }
-    if (!fctx->supported) {
-        ffnskip_err(reason, reason_len, "%s", fctx->reason.c_str());
-        return 0;
+    // unsupported: why; supported: empty, or the unverified path in effect
+    ffnskip_err(reason, reason_len, "%s", fctx->reason.c_str());
+    return fctx->supported ? 1 : 0;
+}
+
+int32_t ffnskip_cuda_graph_counts(uint64_t counts[3]) {
+    if (counts == nullptr) {
+        return -1;
     }
-    return 1;
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("CUDA");
+    if (reg == nullptr) {
+        return -1;
+    }
+    typedef void (*counts_fn)(uint64_t out[3]);
+    counts_fn fn = (counts_fn) ggml_backend_reg_get_proc_address(reg, "ffnskip_cuda_graph_counts");
+    if (fn == nullptr) {
+        return -1;
+    }
+    fn(counts);
+    return 0;
 }
 
 int32_t ffnskip_get_stats(llama_context * ctx, ffnskip_stats * out) {

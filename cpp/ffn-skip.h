@@ -21,7 +21,7 @@ extern "C" {
 #    define FFNSKIP_API __attribute__((visibility("default")))
 #endif
 
-#define FFNSKIP_API_VERSION 1
+#define FFNSKIP_API_VERSION 2
 
 // Largest model (layers) the fixed-size arrays below describe; a model with
 // more layers decodes dense and reports itself unsupported.
@@ -88,7 +88,15 @@ FFNSKIP_API int32_t ffnskip_get_params(struct llama_context * ctx, struct ffnski
 
 // 1 when ctx can gate FFNs (architecture with hooks, layers on a backend with
 // the predicated path); else 0 and a reason in reason (if reason_len > 0).
+// When 1, reason is empty or names the unverified path in effect (for example
+// the CUDA gate forced on by FFNSKIP_CUDA_GATE=1).
 FFNSKIP_API int32_t ffnskip_supported(struct llama_context * ctx, char * reason, size_t reason_len);
+
+// Graph computes of the CUDA backend in this process, since it loaded:
+// counts[0] eager (no CUDA graph), [1] CUDA graph captured, [2] captured graph
+// replayed unchanged. Returns 0, or -1 (counts untouched) without a CUDA
+// backend built with the gate (cpp/ffn-skip-cuda.cu).
+FFNSKIP_API int32_t ffnskip_cuda_graph_counts(uint64_t counts[3]);
 
 FFNSKIP_API int32_t ffnskip_get_stats(struct llama_context * ctx, struct ffnskip_stats * out);
 FFNSKIP_API void    ffnskip_reset_stats(struct llama_context * ctx);

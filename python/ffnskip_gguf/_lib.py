@@ -17,7 +17,7 @@ import llama_cpp.llama_cpp as _llama_cpp
 from ._libpath import _lib_filename
 from ._pin import LLAMA_CPP_PYTHON_VERSION
 
-FFNSKIP_API_VERSION = 1
+FFNSKIP_API_VERSION = 2
 FFNSKIP_MAX_LAYERS = 256
 
 FFNSKIP_MODE_OFF = 0
@@ -92,6 +92,7 @@ ffnskip_get_params = _fn("ffnskip_get_params", [_ctx_p, _params_p], ctypes.c_int
 ffnskip_supported = _fn("ffnskip_supported", [_ctx_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
 ffnskip_get_stats = _fn("ffnskip_get_stats", [_ctx_p, ctypes.POINTER(ffnskip_stats)], ctypes.c_int32)
 ffnskip_reset_stats = _fn("ffnskip_reset_stats", [_ctx_p], None)
+ffnskip_cuda_graph_counts = _fn("ffnskip_cuda_graph_counts", [ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int32)
 ffnskip_get_trace = _fn(
     "ffnskip_get_trace",
     [_ctx_p, ctypes.POINTER(ctypes.c_uint8), ctypes.POINTER(ctypes.c_float), ctypes.c_int32],

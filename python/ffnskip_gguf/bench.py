@@ -90,25 +90,29 @@ def _prefill_run(r: Runner, tokens: list[int], n: int) -> float:
     return time.perf_counter() - t0
 
 
-def gate_kwargs(n_layer: int, target: float) -> dict:
-    """Paper-style gate settings aimed at skip ratio ``target``: tau 0.95,
-    round(5 L / 32) cold layers each side (fewer when the target needs the
-    room), continuation, one run, k = round(target x L), warm-up 0."""
+def gate_kwargs(n_layer: int, target: float, threshold: float = 0.95) -> dict:
+    """Paper-style gate settings aimed at skip ratio ``target``: tau
+    ``threshold`` (paper: 0.95; below -1 every gated layer skips while the
+    budget lasts), round(5 L / 32) cold layers each side (fewer when the
+    target needs the room), continuation, one run, k = round(target x L),
+    warm-up 0."""
     k = max(1, round(target * n_layer))
     cold = policy.paper_cold(n_layer, k)
-    return dict(ffn_skip_threshold=0.95, ffn_skip_cold_start=cold, ffn_skip_cold_end=cold,
+    return dict(ffn_skip_threshold=threshold, ffn_skip_cold_start=cold, ffn_skip_cold_end=cold,
                 ffn_skip_max_skip=k, ffn_skip_max_runs=1, ffn_skip_continue=True, ffn_skip_warmup=0)
 
 
 def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5, n_prompt: int = 64,
               n_decode: int = 64, n_prefill: int = 256, n_threads: int | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, threshold: float = 0.95, n_gpu_layers: int | None = None) -> dict:
     """Benchmark decode and prefill of one model.
 
     Rows: dense; gate on but never firing (tau 2.0); for each target skip
     ratio, the gate (gate_kwargs) and static removal of the same number of
     FFN blocks (the layers the gate skipped most). Returns a dict with the
     rows, prefill tok/s (gate on vs off), the FFN byte share and settings.
+    ``threshold`` is the gate's tau (gate_kwargs); ``n_gpu_layers`` as in
+    Runner (None: llama.cpp's default).
     """
     if repeats < 1 or n_decode < 1 or n_prompt < 1 or n_prefill < 1:
         raise ValueError("repeats, n_decode, n_prompt and n_prefill must be >= 1")
@@ -117,7 +121,7 @@ def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5,
             raise ValueError(f"target skip ratios must be in (0, 1), got {t}")
     check_model_file(path, prefixes=())
     r = Runner(str(path), n_ctx=max(1024, n_prefill + 8, n_prompt + n_decode + 8), n_batch=max(256, n_prefill),
-               n_threads=n_threads)
+               n_threads=n_threads, n_gpu_layers=n_gpu_layers)
     L = r.n_layer
     tokens = _text_tokens(r, max(n_prompt + n_decode, n_prefill))
     share = ffn_byte_share(path)
@@ -127,7 +131,7 @@ def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5,
                Config("gate, never fires", "gate", dict(ffn_skip=True, ffn_skip_threshold=2.0, ffn_skip_warmup=0))]
     gate_info = {}
     for tgt in targets:
-        kw = dict(ffn_skip=True, **gate_kwargs(L, tgt))
+        kw = dict(ffn_skip=True, **gate_kwargs(L, tgt, threshold))
         r.set_policy(**kw)
         r.reset_stats()
         _decode_run(r, tokens, n_prompt, n_decode)
@@ -188,7 +192,7 @@ def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5,
     pre = {"off": [], "on": []}
     for rep in range(repeats):
         for mode, kw in (("off", dict(ffn_skip=False)),
-                         ("on", dict(ffn_skip=True, **gate_kwargs(L, 0.25)))):
+                         ("on", dict(ffn_skip=True, **gate_kwargs(L, 0.25, threshold)))):
             r.set_policy(**kw)
             _prefill_run(r, tokens, n_prefill)
             pre[mode].append(_prefill_run(r, tokens, n_prefill))

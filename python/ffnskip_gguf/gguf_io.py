@@ -50,6 +50,7 @@ def copy_gguf(
     tensor_data: Callable[[str, np.ndarray], np.ndarray] | None = None,
     tensor_convert: Callable[[Any], tuple[np.ndarray, Any] | None] | None = None,
     extra_tensors: Mapping[str, np.ndarray] | None = None,
+    keep_tensor: Callable[[str], bool] | None = None,
     progress: bool = False,
 ) -> Path:
     """Copy ``src`` to ``dst`` with metadata changes.
@@ -67,6 +68,8 @@ def copy_gguf(
             Loads the converted tensors in memory.
         extra_tensors: name -> F32/F16 array appended after the copied tensors
             (tests: synthetic architectures).
+        keep_tensor: optional name -> False to leave a tensor out (a model cut
+            to its first layers, with ``set_kv`` changing the block count).
         progress: show a tqdm bar over tensor bytes.
 
     Returns: ``dst`` as a Path.
@@ -104,7 +107,8 @@ def copy_gguf(
             writer.add_key_value(k, v, t, sub_type=sub)
         total = 0
         converted = {}
-        for t in reader.tensors:
+        tensors = [t for t in reader.tensors if keep_tensor is None or keep_tensor(t.name)]
+        for t in tensors:
             conv = tensor_convert(t) if tensor_convert is not None else None
             if conv is not None:
                 arr, qtype = conv
@@ -123,7 +127,7 @@ def copy_gguf(
             from tqdm import tqdm
 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {dst.name}")
-        for t in reader.tensors:
+        for t in tensors:
             data = converted.get(t.name, t.data)
             if tensor_data is not None:
                 new = tensor_data(t.name, data)

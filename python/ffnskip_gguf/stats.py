@@ -19,7 +19,9 @@ class FfnSkipStats:
         skipped_per_layer, run_per_layer: the same counts by layer, length L.
         cos_mean_per_layer: mean cos(h_j, o_j) over decode tokens whose FFN j
             ran; None where it never ran (or the gate was off).
-        supported: False when this context decodes dense; ``reason`` says why.
+        supported: False when this context decodes dense; ``reason`` says why
+            (when True, ``reason`` is empty or names the unverified path in
+            effect, e.g. the CUDA gate forced on by FFNSKIP_CUDA_GATE=1).
     """
 
     n_layer: int
@@ -75,3 +77,20 @@ def read(ctx) -> FfnSkipStats:
     mode = {_lib.FFNSKIP_MODE_OFF: "off", _lib.FFNSKIP_MODE_ADAPTIVE: "adaptive",
             _lib.FFNSKIP_MODE_STATIC: "static"}.get(int(p.mode), str(int(p.mode)))
     return from_c(st, reason.value.decode(errors="replace"), mode)
+
+
+def cuda_graph_counts() -> dict[str, int] | None:
+    """How the CUDA backend of this process has computed its graphs since it
+    loaded: ``{"eager": n, "captures": n, "replays": n}`` (one count per graph
+    compute: run without a CUDA graph, captured into a new CUDA graph, or a
+    captured graph replayed unchanged; counted in ggml-cuda, patches/0007 and
+    cpp/ffn-skip-cuda.cu). ``None`` when the library has no CUDA backend.
+    A decode whose skip decisions change only device memory replays."""
+    import ctypes
+
+    from . import _lib
+
+    counts = (ctypes.c_uint64 * 3)()
+    if _lib.ffnskip_cuda_graph_counts(counts) != 0:
+        return None
+    return {"eager": int(counts[0]), "captures": int(counts[1]), "replays": int(counts[2])}
