@@ -177,30 +177,47 @@ static bool ffnskip_weight_backend_ok(const ggml_tensor * w, std::string & why, 
               "(set FFNSKIP_VULKAN_UNVERIFIED=1 to gate anyway)";
         return false;
     }
+    int32_t built = 0;
     if (reg != nullptr && std::strcmp(reg_name, "CUDA") == 0) {
         typedef int32_t (*gate_fn)(void);
         gate_fn fn = (gate_fn) ggml_backend_reg_get_proc_address(reg, "ffnskip_cuda_gate");
-        if (fn == nullptr || fn() < 1) {
-            why = "the CUDA backend was built without the FFN-skip gate; decoding dense";
-            return false;
+        built = fn != nullptr ? fn() : 0;
+    }
+    char buf[512];
+    const int32_t ok = ffnskip_backend_verdict(reg_name, ggml_backend_buft_name(buft), ggml_get_name(w), built,
+                                               buf, sizeof(buf));
+    (ok ? note : why) = buf;
+    return ok == 1;
+}
+
+int32_t ffnskip_backend_verdict(const char * reg_name, const char * buft_name, const char * weight_name,
+                                int32_t built_with_gate, char * msg, size_t msg_len) {
+    const std::string reg  = reg_name != nullptr ? reg_name : "";
+    const std::string buft = buft_name != nullptr ? buft_name : "";
+    const std::string w    = weight_name != nullptr ? weight_name : "?";
+    if (reg == "CUDA") {
+        if (built_with_gate < 1) {
+            ffnskip_err(msg, msg_len, "the CUDA backend was built without the FFN-skip gate; decoding dense");
+            return 0;
         }
-        if (std::strstr(ggml_backend_buft_name(buft), "Split") != nullptr) {
-            why = std::string("FFN weight ") + ggml_get_name(w) + " is split across GPUs (buffer '" +
-                  ggml_backend_buft_name(buft) + "'), which has no predicated path (per model: every layer decodes dense)";
-            return false;
+        if (buft.find("Split") != std::string::npos) {
+            ffnskip_err(msg, msg_len, "FFN weight %s is split across GPUs (buffer '%s'), which has no predicated path "
+                        "(per model: every layer decodes dense)", w.c_str(), buft.c_str());
+            return 0;
         }
         const char * env = std::getenv("FFNSKIP_CUDA_GATE");
         if (env != nullptr && std::strcmp(env, "1") == 0) {
-            note = "CUDA gate on by FFNSKIP_CUDA_GATE=1: compiled, not yet verified on a GPU (tests/gpu/check.sh)";
-            return true;
+            ffnskip_err(msg, msg_len, "CUDA gate on by FFNSKIP_CUDA_GATE=1: compiled, not yet verified on a GPU "
+                        "(tests/gpu/check.sh)");
+            return 1;
         }
-        why = "the CUDA gate is compiled but not yet verified on a GPU (tests/gpu/check.sh); decoding dense "
-              "(per model; set FFNSKIP_CUDA_GATE=1 to gate anyway)";
-        return false;
+        ffnskip_err(msg, msg_len, "the CUDA gate is compiled but not yet verified on a GPU (tests/gpu/check.sh); "
+                    "decoding dense (per model; set FFNSKIP_CUDA_GATE=1 to gate anyway)");
+        return 0;
     }
-    why = std::string("FFN weight ") + ggml_get_name(w) + " is on backend buffer '" + ggml_backend_buft_name(buft) +
-          "', which has no predicated FFN path yet (per model: every layer decodes dense)";
-    return false;
+    ffnskip_err(msg, msg_len, "FFN weight %s is on backend buffer '%s', which has no predicated FFN path yet "
+                "(per model: every layer decodes dense)", w.c_str(), buft.c_str());
+    return 0;
 }
 
 static void ffnskip_check_supported(ffnskip_context * fctx) {

@@ -92,6 +92,16 @@ FFNSKIP_API int32_t ffnskip_get_params(struct llama_context * ctx, struct ffnski
 // the CUDA gate forced on by FFNSKIP_CUDA_GATE=1).
 FFNSKIP_API int32_t ffnskip_supported(struct llama_context * ctx, char * reason, size_t reason_len);
 
+// The gate's verdict for FFN weights on a GPU backend other than Vulkan
+// (cpp/ffn-skip.cpp, ffnskip_weight_backend_ok): reg_name is the ggml
+// backend registry ("CUDA", "Metal", ...), buft_name the weights' buffer
+// type, built_with_gate the version of the backend's predicated path (0:
+// none). Returns 1 (gate; msg may name the unverified path in effect) or 0
+// (dense; msg says why). CUDA gates only with FFNSKIP_CUDA_GATE=1 until the
+// GPU check (tests/gpu/check.sh) has passed; never on a row split.
+FFNSKIP_API int32_t ffnskip_backend_verdict(const char * reg_name, const char * buft_name, const char * weight_name,
+                                            int32_t built_with_gate, char * msg, size_t msg_len);
+
 // Graph computes of the CUDA backend in this process, since it loaded:
 // counts[0] eager (no CUDA graph), [1] CUDA graph captured, [2] captured graph
 // replayed unchanged. Returns 0, or -1 (counts untouched) without a CUDA

@@ -163,3 +163,41 @@ def test_speed_rows_run_on_a_small_synthetic_model(smollm2_path, tmp_path):
     assert rows["gate ~50%"]["skip_ratio"] == pytest.approx(4 / 8)
     assert {r["kind"] for r in res["rows"]} == {"dense", "gate", "static"}
     assert "synthetic 8B Q4_0: gate ~25%" in check.format_table({"speed": res})
+
+
+def _verdict(reg, buft, built):
+    import ctypes
+
+    from ffnskip_gguf import _lib
+
+    msg = ctypes.create_string_buffer(512)
+    ok = _lib.ffnskip_backend_verdict(reg.encode(), buft.encode(), b"blk.3.ffn_down.weight", built, msg, len(msg))
+    return ok, msg.value.decode()
+
+
+def test_cuda_gate_is_off_by_default_with_the_reason(monkeypatch):
+    monkeypatch.delenv("FFNSKIP_CUDA_GATE", raising=False)
+    ok, why = _verdict("CUDA", "CUDA0", 1)
+    assert ok == 0 and "not yet verified on a GPU" in why and "FFNSKIP_CUDA_GATE=1" in why and "per model" in why
+    monkeypatch.setenv("FFNSKIP_CUDA_GATE", "0")
+    assert _verdict("CUDA", "CUDA0", 1)[0] == 0
+
+
+def test_cuda_gate_on_by_request_says_it_is_unverified(monkeypatch):
+    monkeypatch.setenv("FFNSKIP_CUDA_GATE", "1")
+    ok, note = _verdict("CUDA", "CUDA0", 1)
+    assert ok == 1 and "FFNSKIP_CUDA_GATE=1" in note and "not yet verified" in note
+
+
+def test_cuda_without_the_gate_or_split_across_gpus_stays_dense(monkeypatch):
+    monkeypatch.setenv("FFNSKIP_CUDA_GATE", "1")
+    ok, why = _verdict("CUDA", "CUDA0", 0)
+    assert ok == 0 and "built without the FFN-skip gate" in why
+    ok, why = _verdict("CUDA", "CUDA_Split", 1)
+    assert ok == 0 and "split across GPUs" in why and "blk.3.ffn_down.weight" in why
+
+
+def test_other_gpu_backends_stay_dense_per_model():
+    for reg, buft in (("Metal", "Metal"), ("ROCm", "ROCm0"), ("SYCL", "SYCL0")):
+        ok, why = _verdict(reg, buft, 1)
+        assert ok == 0 and f"'{buft}'" in why and "per model" in why

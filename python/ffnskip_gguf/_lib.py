@@ -92,6 +92,11 @@ ffnskip_get_params = _fn("ffnskip_get_params", [_ctx_p, _params_p], ctypes.c_int
 ffnskip_supported = _fn("ffnskip_supported", [_ctx_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
 ffnskip_get_stats = _fn("ffnskip_get_stats", [_ctx_p, ctypes.POINTER(ffnskip_stats)], ctypes.c_int32)
 ffnskip_reset_stats = _fn("ffnskip_reset_stats", [_ctx_p], None)
+ffnskip_backend_verdict = _fn(
+    "ffnskip_backend_verdict",
+    [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t],
+    ctypes.c_int32,
+)
 ffnskip_cuda_graph_counts = _fn("ffnskip_cuda_graph_counts", [ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int32)
 ffnskip_get_trace = _fn(
     "ffnskip_get_trace",
