@@ -79,11 +79,14 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
     const int32_t L = fctx->n_layer;
     const ffnskip_params & p = fctx->params;
 
-    // a decode token is the only token of each of its sequences in the batch
-    // given to llama_decode (so a prompt split into ubatches stays prefill);
-    // without a batch (internal graph evaluations) the ubatch decides
+    // the caller says which tokens are prompt (dense, not counted) and which
+    // are generated (gated, counted): ffnskip_set_token_kind. By default (raw
+    // C API) a decode token is the only token of each of its sequences in the
+    // batch given to llama_decode (so a prompt split into ubatches stays
+    // prefill); without a batch (internal graph evaluations) the ubatch decides
+    const int32_t kind = fctx->token_kind;
     std::map<llama_seq_id, int32_t> per_seq;
-    if (!fctx->batch_valid) {
+    if (kind == FFNSKIP_TOKENS_AUTO && !fctx->batch_valid) {
         for (int64_t t = 0; t < n; ++t) {
             for (int32_t s = 0; s < ubatch->n_seq_id[t]; ++s) {
                 per_seq[ubatch->seq_id[t][s]]++;
@@ -94,9 +97,13 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
     float * mode_row = rows.data() + FFNSKIP_IN_MODE * n;
     float * out_row  = rows.data() + FFNSKIP_IN_OUT_IDX * n;
     n_decode = 0;
+    bool any_removed = false;
+    for (int32_t j = 0; j < L; ++j) {
+        any_removed = any_removed || p.remove[j] != 0;
+    }
     for (int64_t t = 0; t < n; ++t) {
-        bool decode = ubatch->n_seq_id[t] > 0;
-        for (int32_t s = 0; s < ubatch->n_seq_id[t]; ++s) {
+        bool decode = ubatch->n_seq_id[t] > 0 && kind != FFNSKIP_TOKENS_PROMPT;
+        for (int32_t s = 0; s < ubatch->n_seq_id[t] && kind == FFNSKIP_TOKENS_AUTO; ++s) {
             const llama_seq_id sid = ubatch->seq_id[t][s];
             int32_t count;
             if (fctx->batch_valid) {
@@ -113,6 +120,11 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
             m = ubatch->pos[t] >= p.warmup ? 2.0f : 1.0f;
         }
         mode_row[t] = m;
+        // KV from here on depends on the settings: a gated token (adaptive
+        // mode), or any token while FFNs are left out of the graph
+        if ((m == 2.0f && mode == FFNSKIP_MODE_ADAPTIVE) || any_removed) {
+            fctx->affected_pos = std::min<int64_t>(fctx->affected_pos, ubatch->pos[t]);
+        }
     }
     // output rows in token order, as llm_graph_input_out_ids
     int64_t r = 0;

@@ -33,6 +33,9 @@ struct ffnskip_context {
 
     ffnskip_stats stats;
 
+    int32_t token_kind = FFNSKIP_TOKENS_AUTO; // enum ffnskip_token_kind (ffnskip_set_token_kind)
+    int64_t affected_pos = INT64_MAX;         // ffnskip_affected_pos; INT64_MAX: none
+
     // per-sequence token counts of the batch being decoded (ffnskip_batch_begin)
     std::unordered_map<int32_t, int32_t> batch_seq_count;
     bool batch_valid = false;

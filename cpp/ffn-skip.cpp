@@ -168,8 +168,8 @@ static bool ffnskip_weight_backend_ok(const ggml_tensor * w, std::string & why, 
         }
         const char * env = std::getenv("FFNSKIP_VULKAN_UNVERIFIED");
         if (env != nullptr && std::strcmp(env, "1") == 0) {
-            LLAMA_LOG_WARN("ffnskip: Vulkan device %s takes the %s path, which has the predicate but is unverified; "
-                           "gating anyway (FFNSKIP_VULKAN_UNVERIFIED=1)\n", ggml_backend_dev_name(dev), path);
+            note = std::string("Vulkan device ") + ggml_backend_dev_name(dev) + " takes the " + path +
+                   " path, which has the predicate but is unverified; gating anyway (FFNSKIP_VULKAN_UNVERIFIED=1)";
             return true;
         }
         why = std::string("Vulkan device ") + ggml_backend_dev_name(dev) + " would take the " + path +
@@ -331,6 +331,42 @@ int32_t ffnskip_supported(llama_context * ctx, char * reason, size_t reason_len)
     // unsupported: why; supported: empty, or the unverified path in effect
     ffnskip_err(reason, reason_len, "%s", fctx->reason.c_str());
     return fctx->supported ? 1 : 0;
+}
+
+int32_t ffnskip_set_token_kind(llama_context * ctx, int32_t kind) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx == nullptr || kind < FFNSKIP_TOKENS_AUTO || kind > FFNSKIP_TOKENS_GENERATED) {
+        return -1;
+    }
+    fctx->token_kind = kind;
+    return 0;
+}
+
+int32_t ffnskip_get_token_kind(llama_context * ctx) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    return fctx != nullptr ? fctx->token_kind : FFNSKIP_TOKENS_AUTO;
+}
+
+int64_t ffnskip_affected_pos(llama_context * ctx) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx == nullptr || fctx->affected_pos == INT64_MAX) {
+        return -1;
+    }
+    return fctx->affected_pos;
+}
+
+void ffnskip_set_affected_pos(llama_context * ctx, int64_t pos) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx != nullptr) {
+        fctx->affected_pos = pos < 0 ? INT64_MAX : pos;
+    }
+}
+
+void ffnskip_add_rejected(llama_context * ctx, uint64_t n) {
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    if (fctx != nullptr) {
+        fctx->stats.rejected_tokens += n;
+    }
 }
 
 int32_t ffnskip_cuda_graph_counts(uint64_t counts[3]) {

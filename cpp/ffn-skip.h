@@ -50,10 +50,20 @@ struct ffnskip_params {
     uint8_t remove[FFNSKIP_MAX_LAYERS];    // 1: FFN of layer j left out of the graph
 };
 
+// Which tokens of a llama_decode are prompt and which are generated
+// (ffnskip_set_token_kind). Prompt tokens run dense and are not counted;
+// generated tokens are gated (each on its own state) and counted.
+enum ffnskip_token_kind {
+    FFNSKIP_TOKENS_AUTO      = 0, // raw C API default: a token is generated when it is the only
+                                  // token of its sequence in the batch, else prompt
+    FFNSKIP_TOKENS_PROMPT    = 1, // every token is prompt (prefill, embeddings, a re-decoded prompt token)
+    FFNSKIP_TOKENS_GENERATED = 2, // every token is generated (one sampled token, speculative drafts)
+};
+
 // Cumulative per-context statistics (DESIGN.md section 3, "Skip ratio").
-// Decode tokens: tokens that were the only token of their sequence in the
-// ubatch (warm-up ones included, prefill excluded). Per-layer counts refer
-// to decode tokens only.
+// Decode tokens: generated tokens (ffnskip_token_kind; warm-up ones
+// included, prompt tokens excluded). Per-layer counts refer to decode
+// tokens only.
 struct ffnskip_stats {
     int32_t  n_layer;
     int32_t  supported;                    // 0: this context decodes dense (see ffnskip_supported)
@@ -62,6 +72,8 @@ struct ffnskip_stats {
     uint64_t skipped[FFNSKIP_MAX_LAYERS];  // FFN blocks skipped (adaptive or statically removed)
     double   cos_sum[FFNSKIP_MAX_LAYERS];  // sum of cos(h_j, o_j) over decode tokens whose FFN j ran
     uint64_t cos_count[FFNSKIP_MAX_LAYERS];
+    uint64_t rejected_tokens;              // decode tokens that were speculative drafts the sampler rejected
+                                           // (counted above too; reported by the caller, ffnskip_add_rejected)
 };
 
 // ABI version of the loaded library (== FFNSKIP_API_VERSION).
@@ -91,6 +103,23 @@ FFNSKIP_API int32_t ffnskip_get_params(struct llama_context * ctx, struct ffnski
 // When 1, reason is empty or names the unverified path in effect (for example
 // the CUDA gate forced on by FFNSKIP_CUDA_GATE=1).
 FFNSKIP_API int32_t ffnskip_supported(struct llama_context * ctx, char * reason, size_t reason_len);
+
+// Classify the tokens of the following llama_decode calls (sticky until
+// changed; enum ffnskip_token_kind). Returns 0, or -1 for a NULL context or
+// an unknown kind (nothing changes).
+FFNSKIP_API int32_t ffnskip_set_token_kind(struct llama_context * ctx, int32_t kind);
+FFNSKIP_API int32_t ffnskip_get_token_kind(struct llama_context * ctx);
+
+// Lowest sequence position decoded, since the last ffnskip_set_affected_pos,
+// whose result depends on the FFN-skip settings: a generated token past the
+// warm-up with the gate on, or any token while FFNs are statically removed.
+// KV cache entries from there on are valid only under the settings they
+// were computed with; below it they are dense. -1: none (or NULL context).
+FFNSKIP_API int64_t ffnskip_affected_pos(struct llama_context * ctx);
+FFNSKIP_API void    ffnskip_set_affected_pos(struct llama_context * ctx, int64_t pos); // pos < 0: none
+
+// Add n to stats.rejected_tokens (speculative drafts the sampler rejected).
+FFNSKIP_API void ffnskip_add_rejected(struct llama_context * ctx, uint64_t n);
 
 // The gate's verdict for FFN weights on a GPU backend other than Vulkan
 // (cpp/ffn-skip.cpp, ffnskip_weight_backend_ok): reg_name is the ggml

@@ -28,7 +28,9 @@ PY="${PYTHON:-python3}"
 start=$(date +%s)
 
 NVCC="${CUDACXX:-$(command -v nvcc || true)}"
-[ -n "$NVCC" ] || { [ -x /usr/local/cuda/bin/nvcc ] && NVCC=/usr/local/cuda/bin/nvcc; }
+if [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+    NVCC=/usr/local/cuda/bin/nvcc
+fi
 [ -n "$NVCC" ] || { echo "cuda-compile-check: nvcc not found"; exit 1; }
 echo "== nvcc: $("$NVCC" --version | tail -1)"
 
@@ -70,7 +72,7 @@ echo "== compile"
 log="$B/compile.log"
 # -k 0: report every failing object, not just the first
 if ! ninja -C "$B" -k 0 "${objs[@]}" >"$log" 2>&1; then
-    grep -E 'error|Error' "$log" | head -40
+    grep -E 'error|Error' "$log" | head -40 || true
     echo "cuda-compile-check: compile failed (full log: $log)"
     exit 1
 fi

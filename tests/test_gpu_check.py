@@ -90,7 +90,8 @@ def test_table_marks_each_row_against_its_target():
         "forced_vs_zeroed": True,
         "never_fire_vs_dense": False,
         "decisions": {"compared": 90, "stop": None, "tol": 2e-4, "ok": True},
-        "graphs": {"replays": 40, "captures": 8, "eager": 0, "decode_tokens": 48},
+        "graphs": {"replays": 40, "captures": 8, "eager": 0, "decode_tokens": 48, "distinct_decision_rows": 9,
+                   "skip_ratio": 0.2},
         "speed": {"model_name": "synthetic 8B Q4_0", "rows": [
             {"name": "dense", "kind": "dense", "target": 0.0, "skip_ratio": 0.0, "tok_s": 100.0, "ratio": 1.0},
             {"name": "gate, never fires", "kind": "gate", "target": 0.0, "skip_ratio": 0.0, "tok_s": 97.0, "ratio": 0.97},
@@ -111,7 +112,13 @@ def test_table_marks_each_row_against_its_target():
     assert result("forced skips == zeroed") == "PASS"
     assert result("never-fire == dense") == "FAIL"
     assert result("CUDA vs CPU decisions") == "PASS"
-    assert result("CUDA graphs") == "FAIL"  # 40 of 48 tokens replayed: 83% < 95%
+    assert result("CUDA graphs") == "FAIL"  # 40 of 48 computes replayed: 83% < 95%
+    res["graphs"].update(replays=47, captures=0, eager=1)
+    assert "PASS" in next(x for x in check.format_table(res).splitlines() if x.startswith("| CUDA graphs"))
+    res["graphs"].update(distinct_decision_rows=1)  # decisions never changed: proves nothing
+    assert "FAIL" in next(x for x in check.format_table(res).splitlines() if x.startswith("| CUDA graphs"))
+    res["missing"] = ["ops"]
+    assert "| row missing: ops | not run | present | FAIL |" in check.format_table(res)
     assert result("synthetic 8B Q4_0: gate, never fires") == "FAIL"  # 3% overhead > 2%
     assert result("synthetic 8B Q4_0: gate ~25%") == "PASS"
     assert result("synthetic 8B Q4_0: dense") == "-"

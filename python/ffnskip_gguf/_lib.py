@@ -66,6 +66,7 @@ class ffnskip_stats(ctypes.Structure):
         ("skipped", ctypes.c_uint64 * FFNSKIP_MAX_LAYERS),
         ("cos_sum", ctypes.c_double * FFNSKIP_MAX_LAYERS),
         ("cos_count", ctypes.c_uint64 * FFNSKIP_MAX_LAYERS),
+        ("rejected_tokens", ctypes.c_uint64),
     ]
 
 
@@ -92,6 +93,12 @@ ffnskip_get_params = _fn("ffnskip_get_params", [_ctx_p, _params_p], ctypes.c_int
 ffnskip_supported = _fn("ffnskip_supported", [_ctx_p, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
 ffnskip_get_stats = _fn("ffnskip_get_stats", [_ctx_p, ctypes.POINTER(ffnskip_stats)], ctypes.c_int32)
 ffnskip_reset_stats = _fn("ffnskip_reset_stats", [_ctx_p], None)
+FFNSKIP_TOKENS_AUTO, FFNSKIP_TOKENS_PROMPT, FFNSKIP_TOKENS_GENERATED = 0, 1, 2  # enum ffnskip_token_kind
+ffnskip_set_token_kind = _fn("ffnskip_set_token_kind", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
+ffnskip_get_token_kind = _fn("ffnskip_get_token_kind", [_ctx_p], ctypes.c_int32)
+ffnskip_affected_pos = _fn("ffnskip_affected_pos", [_ctx_p], ctypes.c_int64)
+ffnskip_set_affected_pos = _fn("ffnskip_set_affected_pos", [_ctx_p, ctypes.c_int64], None)
+ffnskip_add_rejected = _fn("ffnskip_add_rejected", [_ctx_p, ctypes.c_uint64], None)
 ffnskip_backend_verdict = _fn(
     "ffnskip_backend_verdict",
     [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t],

@@ -180,12 +180,17 @@ class Llama(llama_cpp.Llama):
                 args[k] = v
         value = self._ffn_skip_value if ffn_skip is _UNSET else ffn_skip
         old = (self._ffn_args, self._ffn_skip_value, self._ffn_settings)
+        old_key = self._ffn_key()
         try:
             self._ffn_settings = self._resolve(value, self._ffn_settings.n_layer, args)
             self._ffn_apply()  # the library validates again; nothing changes unless it accepts
         except Exception:
             self._ffn_args, self._ffn_skip_value, self._ffn_settings = old
             raise
+        if self._ffn_key() != old_key:
+            # KV computed under the old settings is valid only below the first affected position
+            self._ffn_cut_kv(int(_lib.ffnskip_affected_pos(self._ffn_ctx)))
+            _lib.ffnskip_set_affected_pos(self._ffn_ctx, -1)
 
     def ffn_skip_params(self) -> policy.FfnSkipSettings:
         """The settings in effect, with ``sources`` (default / preset / file / argument)."""
@@ -220,3 +225,131 @@ class Llama(llama_cpp.Llama):
                 dec.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
                 cos.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
         return dec, cos
+
+    # -- prompt and generated tokens (README "Prompt and generated tokens") --
+    #
+    # Prompt tokens run dense and are not counted; generated tokens are gated
+    # and counted, however they reach llama_decode. Inside ``generate`` every
+    # eval before the first sampled token is prompt (a prefix-cache hit
+    # re-decodes the last prompt token alone: still prompt) and every eval
+    # after it holds generated tokens (the sampled token plus any speculative
+    # drafts, each gated on its own state). Outside ``generate`` a
+    # multi-token eval is prompt and a single-token eval is a generated token
+    # (low-level teacher forcing). Embedding inputs are never gated.
+
+    _ffn_phase: str | None = None  # None outside generate; "prompt" / "generated" inside
+
+    def _ffn_token_kind(self, n_tokens: int) -> int:
+        if self._ffn_phase == "prompt":
+            return _lib.FFNSKIP_TOKENS_PROMPT
+        if self._ffn_phase == "generated":
+            return _lib.FFNSKIP_TOKENS_GENERATED
+        return _lib.FFNSKIP_TOKENS_GENERATED if n_tokens == 1 else _lib.FFNSKIP_TOKENS_PROMPT
+
+    def _ffn_with_kind(self, kind: int, fn, *args, **kwargs):
+        ctx = self._ffn_ctx
+        prev = _lib.ffnskip_get_token_kind(ctx)
+        _lib.ffnskip_set_token_kind(ctx, kind)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _lib.ffnskip_set_token_kind(ctx, prev)
+
+    def eval(self, tokens) -> None:
+        """``llama_cpp.Llama.eval`` with the tokens classified as prompt or
+        generated (see the comment above; README "Prompt and generated
+        tokens"). Speculative drafts evaluated earlier in the same
+        ``generate`` and discarded now count as rejected."""
+        gen = self._ffn_gen
+        if gen is not None and self._ffn_phase == "generated":
+            if gen["end"] > self.n_tokens:  # drafts after a mismatch, about to be removed
+                gen["rejected"] += gen["end"] - self.n_tokens
+        self._ffn_with_kind(self._ffn_token_kind(len(tokens)), super().eval, tokens)
+        if gen is not None and self._ffn_phase == "generated":
+            gen["end"] = self.n_tokens
+
+    _ffn_gen: dict | None = None
+
+    def generate(self, tokens, *args, **kwargs):
+        """``llama_cpp.Llama.generate``; its evals are classified as prompt
+        until the first sampled token and as generated after it."""
+        return self._ffn_generate(super().generate(tokens, *args, **kwargs))
+
+    def _ffn_generate(self, inner):
+        outer = (self._ffn_phase, self._ffn_gen)
+        gen = {"end": 0, "rejected": 0, "prompt_end": None}
+        n_yielded = 0
+        sent = None
+        try:
+            while True:
+                self._ffn_phase, self._ffn_gen = ("prompt" if n_yielded == 0 else "generated"), gen
+                try:
+                    token = inner.send(sent)
+                except StopIteration:
+                    return
+                finally:
+                    self._ffn_phase, self._ffn_gen = outer
+                if n_yielded == 0:
+                    gen["prompt_end"] = self.n_tokens  # the prompt is in the KV cache, no generated token yet
+                n_yielded += 1
+                sent = yield token
+        finally:
+            inner.close()
+            self._ffn_phase, self._ffn_gen = outer
+            # drafts removed after the last eval, or evaluated and never verified
+            if gen["end"] > self.n_tokens:
+                gen["rejected"] += gen["end"] - self.n_tokens
+            if gen["prompt_end"] is not None:
+                real_end = gen["prompt_end"] + n_yielded  # after the last sampled token
+                gen["rejected"] += max(0, min(self.n_tokens, gen["end"]) - real_end)
+            if gen["rejected"] and getattr(getattr(self, "_ctx", None), "ctx", None):
+                _lib.ffnskip_add_rejected(self._ffn_ctx, gen["rejected"])
+
+    def embed(self, *args, **kwargs):
+        """``llama_cpp.Llama.embed``; embedding inputs are prompt tokens
+        (never gated, not counted)."""
+        return self._ffn_with_kind(_lib.FFNSKIP_TOKENS_PROMPT, super().embed, *args, **kwargs)
+
+    # -- reused state that depends on the settings --------------------------
+    #
+    # A KV cache entry computed with FFNs skipped (a generated token past the
+    # warm-up with the gate on) or removed (static removal: every token) is
+    # valid only under the settings it was computed with. The library tracks
+    # the lowest such position (ffnskip_affected_pos); when the settings
+    # change, or a saved state from other settings is loaded, the KV cache is
+    # cut there and the rest is kept (a dense prompt prefix stays valid under
+    # any settings, so prefix reuse and chat caching keep working).
+
+    def _ffn_key(self) -> bytes:
+        s = self._ffn_settings
+        return b"off" if not s.enabled else bytes(policy.to_c(s))
+
+    def _ffn_cut_kv(self, pos: int) -> None:
+        """Drop KV cache entries from position ``pos`` on."""
+        if 0 <= pos < self.n_tokens:
+            self._ctx.kv_cache_seq_rm(-1, pos, -1)
+            self.n_tokens = pos
+            self._requires_eval = True
+
+    def save_state(self):
+        """``llama_cpp.Llama.save_state`` plus what the state's KV cache
+        depends on (the FFN-skip settings and the first affected position)."""
+        state = super().save_state()
+        state.ffn_skip_key = self._ffn_key()
+        state.ffn_skip_affected = int(_lib.ffnskip_affected_pos(self._ffn_ctx))
+        return state
+
+    def load_state(self, state) -> None:
+        """``llama_cpp.Llama.load_state``; a state saved under other
+        FFN-skip settings keeps only its KV cache below the first position
+        those settings affected."""
+        super().load_state(state)
+        key = getattr(state, "ffn_skip_key", None)
+        affected = getattr(state, "ffn_skip_affected", -1)
+        if key is None:  # saved by another Llama class: settings unknown
+            affected = 0 if self._ffn_key() != b"off" else -1
+            key = b"unknown"
+        if key != self._ffn_key() and affected >= 0:
+            self._ffn_cut_kv(affected)
+            affected = -1
+        _lib.ffnskip_set_affected_pos(self._ffn_ctx, affected if affected < self.n_tokens else -1)

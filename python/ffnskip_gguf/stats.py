@@ -11,8 +11,13 @@ class FfnSkipStats:
 
     Attributes:
         n_layer: layers of the model (L).
-        decode_tokens: tokens that were the only token of their sequence in
-            their ubatch (warm-up included, prefill excluded).
+        decode_tokens: generated tokens decoded (warm-up ones included;
+            prompt tokens, embedding inputs and re-decoded prompt tokens
+            excluded). ``Llama`` tells the library which is which (README,
+            "Prompt and generated tokens"); through the raw C API a token
+            counts when it is the only token of its sequence in the batch.
+        rejected_tokens: of those, speculative draft tokens the sampler
+            rejected (or never verified before generation stopped).
         skipped: FFN blocks skipped (gate or static removal) over decode tokens.
         run: FFN blocks run over decode tokens.
         skip_ratio: skipped / (n_layer x decode_tokens); 0.0 before any decode.
@@ -35,6 +40,7 @@ class FfnSkipStats:
     supported: bool
     reason: str = ""
     mode: str = "off"
+    rejected_tokens: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -56,7 +62,7 @@ def from_c(st, reason: str, mode: str) -> FfnSkipStats:
         n_layer=L, decode_tokens=dt, skipped=total_skipped, run=sum(run),
         skip_ratio=(total_skipped / (L * dt)) if dt and L else 0.0,
         skipped_per_layer=skipped, run_per_layer=run, cos_mean_per_layer=cos,
-        supported=bool(st.supported), reason=reason, mode=mode,
+        supported=bool(st.supported), reason=reason, mode=mode, rejected_tokens=int(st.rejected_tokens),
     )
 
 

@@ -8,7 +8,12 @@
 # wheels, SmolLM2 cut to 10 layers). Here, before:
 #     bash scripts/gpu-bundle.sh
 # There (the device tool: carry build/gpu-bundle):
-#     bash tests/gpu/check.sh
+#     bash tests/gpu/check.sh [all|build|ops|rows|speed]
+# Phases, so that each fits one device command (10 min) and a warm machine
+# picks up where the last one stopped (the work folder is build/gpu-work,
+# which the device tool keeps between calls on a warm machine): build (the
+# library), ops (test-ffnskip-ops), rows (every row but speed), speed (the
+# synthetic 8B model and the speed rows); all = the four in order.
 # It builds the library with GGML_CUDA=ON for the GPU's architecture only,
 # flash-attention kernels off (GGML_CUDA_FA=OFF), runs the op check
 # (test-ffnskip-ops CUDA0) and tests/gpu/check.py, which writes a synthetic
@@ -25,7 +30,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 BUNDLE="${FFNSKIP_GPU_BUNDLE:-$ROOT/build/gpu-bundle}"
-W="${FFNSKIP_GPU_WORK:-/tmp/ffnskip-gpu}"
+W="${FFNSKIP_GPU_WORK:-$ROOT/build/gpu-work}"
+PHASE="${1:-all}"
+case "$PHASE" in all|build|ops|rows|speed) ;; *) echo "usage: $0 [all|build|ops|rows|speed]"; exit 2 ;; esac
+want() { [ "$PHASE" = all ] || [ "$PHASE" = "$1" ]; }
 RES="${OUT:-$W/out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$W" "$RES"
@@ -44,12 +52,15 @@ say "python packages from the bundle"
 export PYTHONPATH="$ROOT/python:$BUNDLE/py:$W/site:$ROOT/tests/gpu${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import numpy, gguf, jinja2, diskcache" || { echo "check.sh: a Python package is missing"; exit 1; }
 
+B="$W/build"
+export FFNSKIP_GGUF_LIB_PATH="$W/install/ffnskip_gguf/lib"
+if want build || [ ! -f "$FFNSKIP_GGUF_LIB_PATH/libllama.so" ]; then
+# (not indented: the build as one block)
 say "llama.cpp source"
 rm -rf "$W/llama.cpp"
 tar -xJf "$BUNDLE/llama.cpp.tar.xz" -C "$W"
 
 say "configure + build (GGML_CUDA=ON, sm_$ARCH, FA off)"
-B="$W/build"
 cmake -S "$ROOT" -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_CUDA_FA=OFF \
     -DFFNSKIP_LLAMA_CPP_SOURCE="$W/llama.cpp" -DFFNSKIP_BUILD_TESTS=ON \
@@ -59,23 +70,25 @@ bs=$(date +%s)
 cmake --build "$B" -j "$(nproc)" > "$RES/build.log" 2>&1 || { tail -40 "$RES/build.log"; exit 1; }
 cmake --install "$B" --component ffnskip > /dev/null
 cmake --install "$B" --component ffnskip-tests > /dev/null
-echo "build_seconds=$(( $(date +%s) - bs ))" | tee "$RES/build-time.txt"
-export FFNSKIP_GGUF_LIB_PATH="$W/install/ffnskip_gguf/lib"
-
-say "op check: test-ffnskip-ops CUDA0"
-set +e
-"$W/install/bin/test-ffnskip-ops" CUDA0 > "$RES/ops.log" 2>&1
-ops_rc=$?
-set -e
-tail -3 "$RES/ops.log"
-
-say "rows (tests/gpu/check.py)"
-extra=()
-[ "${FFNSKIP_GPU_SKIP_SPEED:-0}" = 1 ] && extra+=(--skip-speed)
-set +e
-PYTHONUNBUFFERED=1 "$PY" "$ROOT/tests/gpu/check.py" --small "$BUNDLE/smollm2-cut.gguf" --work "$W" \
-    --ops-log "$RES/ops.log" --json "$RES/gpu-check.json" "${extra[@]}" | tee "$RES/table.md"
-rc=${PIPESTATUS[0]}
-set -e
-say "done: table in $RES/table.md (ops rc $ops_rc, rows rc $rc)"
-[ "$ops_rc" -eq 0 ] && [ "$rc" -eq 0 ]
+echo "build_seconds=$(( $(date +%s) - bs ))" | tee "$W/build-time.txt" "$RES/build-time.txt"
+fi
+rc=0
+if want ops; then
+    say "op check: test-ffnskip-ops CUDA0"
+    "$W/install/bin/test-ffnskip-ops" CUDA0 > "$W/ops.log" 2>&1 || rc=1
+    cp "$W/ops.log" "$RES/ops.log"
+    tail -3 "$W/ops.log"
+fi
+if want rows || want speed; then
+    say "rows (tests/gpu/check.py)"
+    extra=()
+    want speed || extra+=(--skip-speed)
+    want rows || extra+=(--speed-only)
+    [ -f "$W/ops.log" ] && extra+=(--ops-log "$W/ops.log")
+    if ! PYTHONUNBUFFERED=1 "$PY" "$ROOT/tests/gpu/check.py" --small "$BUNDLE/smollm2-cut.gguf" --work "$W" \
+            --json "$RES/gpu-check-$PHASE.json" "${extra[@]}" | tee "$RES/table-$PHASE.md"; then
+        rc=1
+    fi
+fi
+say "done ($PHASE): results in $RES (rc $rc)"
+exit "$rc"
