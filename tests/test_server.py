@@ -148,6 +148,16 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     _complete(client, "Still there?", 4)
 
 
+def test_embeddings_on_a_completion_server_are_a_400(server):
+    client, proc = server
+    r = client.post("/v1/embeddings", json={"input": "hello"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and "embedding mode" in err["message"]
+    assert proc.poll() is None
+    _complete(client, "Still there?", 4)
+
+
 def test_out_of_range_token_ids_to_detokenize_are_a_400(server):
     client, proc = server
     r = client.post("/extras/detokenize", json={"tokens": [1, 10**9]})

@@ -238,6 +238,11 @@ def _patch_validation_errors() -> None:
         if isinstance(error, (RequestValidationError, ValidationError)):
             return 400, ErrorResponse(message=str(error), type="invalid_request_error", param=None, code=None)
         status, resp = orig(self, error, body)
+        if status == 500 and isinstance(error, RuntimeError) and "embedding=True" in str(error):
+            # POST /v1/embeddings to a server not started in embedding mode
+            return 400, ErrorResponse(message="this server was not started in embedding mode; embeddings need a "
+                                      "server started with embedding=True (llama-cpp-python: --embedding)",
+                                      type="invalid_request_error", param=None, code=None)
         if status == 500 and isinstance(error, CLIENT_ERRORS):
             # what llama-cpp-python raises on inputs it cannot handle (empty
             # prompt: AssertionError; a prompt list; unencodable text; bad
