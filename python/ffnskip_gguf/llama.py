@@ -92,6 +92,8 @@ class Llama(llama_cpp.Llama):
         except ValueError as e:
             self._ffn_file, self._ffn_file_error = {}, e
         self._ffn_calibrated = bool(self._ffn_file)
+        # ffn_skip.* entries of kv_overrides apply like file values (README)
+        self._ffn_overrides = policy.read_override_settings(kwargs.get("kv_overrides"), n_layer)
         self._ffn_args: dict[str, Any] = {}
         self._ffn_skip_value: Any = False
         self._ffn_warned: set[str] = set()
@@ -122,7 +124,8 @@ class Llama(llama_cpp.Llama):
         if mode != "off" and self._ffn_file_error is not None:
             raise self._ffn_file_error
         preset = policy.paper_preset(n_layer) if ffn_skip == "paper" else None
-        settings = policy.resolve(mode, n_layer, self._ffn_file if preset is None else {}, arguments, preset)
+        settings = policy.resolve(mode, n_layer, self._ffn_file if preset is None else {}, arguments, preset,
+                                  self._ffn_overrides if preset is None else {})
         self._ffn_args = dict(arguments)
         self._ffn_skip_value = ffn_skip
         return settings

@@ -221,13 +221,59 @@ def read_file_settings(values: Mapping[str, Any], n_layer: int) -> dict[str, Any
     return out
 
 
+def read_override_settings(kv_overrides: Mapping[str, Any] | None, n_layer: int) -> dict[str, Any]:
+    """The ``ffn_skip.*`` entries of llama-cpp-python's ``kv_overrides`` as
+    keyword settings, applied like file values (precedence: arguments, then
+    overrides, then the file; ``sources`` says "override"). Other keys are
+    llama.cpp's and ignored here.
+
+    Raises:
+        ValueError: an unknown ``ffn_skip.*`` key, a per-layer key
+            (``kv_overrides`` carries only bool, int, float and str values, no
+            arrays), a value of the wrong type or out of range (names it).
+        MetadataError: ``ffn_skip.version`` other than the one this library reads.
+    """
+    out: dict[str, Any] = {}
+    by_key = {key: kw for kw, (key, _) in KEYWORDS.items()}
+    for key, v in (kv_overrides or {}).items():
+        if not isinstance(key, str) or not key.startswith("ffn_skip."):
+            continue
+        where = f"kv_overrides[{key!r}]"
+        if key == GGUF_KEY_VERSION:
+            if not _is_int(v):
+                raise ValueError(f"{where} = {v!r}: expected an integer")
+            if v != GGUF_VERSION:
+                raise MetadataError(f"{where} = {v}: this library reads version {GGUF_VERSION}")
+            continue
+        kw = by_key.get(key)
+        if kw is None:
+            raise ValueError(f"{where}: unknown FFN-skip key (known: {', '.join(sorted(by_key))}, {GGUF_KEY_VERSION})")
+        if kw in ("ffn_skip_exclude", "ffn_remove_layers"):
+            raise ValueError(f"{where}: {key} is a per-layer array, and kv_overrides carries only bool, int, "
+                             f"float and str values; pass {kw}=[...] to Llama instead")
+        if kw == "ffn_skip_continue":
+            ok = isinstance(v, bool)
+        elif kw == "ffn_skip_threshold":
+            ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+        else:
+            ok = _is_int(v)
+        if not ok:
+            raise ValueError(f"{where} = {v!r}: a {type(v).__name__} is not valid for {kw}")
+        try:
+            out[kw] = validate(kw, float(v) if kw == "ffn_skip_threshold" else v, n_layer)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return out
+
+
 @dataclass
 class FfnSkipSettings:
     """The FFN-skip settings in effect for one context.
 
     Attributes mirror the keyword arguments (without the ``ffn_skip_``
     prefix); ``threshold`` is a float or a per-layer list. ``sources`` maps
-    each keyword to "default", "preset", "file" or "argument".
+    each keyword to "default", "preset", "file", "override" (kv_overrides)
+    or "argument".
     """
 
     mode: str
@@ -249,15 +295,16 @@ class FfnSkipSettings:
 
 
 def resolve(mode: str, n_layer: int, file_settings: Mapping[str, Any], arguments: Mapping[str, Any],
-            preset: Mapping[str, Any] | None = None) -> FfnSkipSettings:
-    """Combine defaults < preset < file < arguments into validated settings.
+            preset: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None) -> FfnSkipSettings:
+    """Combine defaults < preset < file < overrides (kv_overrides) < arguments
+    into validated settings.
 
     Raises ValueError naming the argument when a value is invalid or the
     combination is (cold regions larger than the model)."""
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for layer_name, layer in (("default", defaults(n_layer)), ("preset", preset or {}),
-                              ("file", file_settings), ("argument", arguments)):
+                              ("file", file_settings), ("override", overrides or {}), ("argument", arguments)):
         for k, v in layer.items():
             if v is None:
                 continue
