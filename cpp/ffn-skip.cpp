@@ -289,6 +289,9 @@ int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char *
     }
     ffnskip_context * fctx = ffnskip_get(ctx);
     if (p != nullptr && p->mode == FFNSKIP_MODE_OFF && (fctx->n_layer < 1 || fctx->n_layer > FFNSKIP_MAX_LAYERS)) {
+        if (fctx->params.mode != FFNSKIP_MODE_OFF) {
+            ctx->ffnskip_need_reserve();
+        }
         fctx->params.mode = FFNSKIP_MODE_OFF; // any model can decode dense
         fctx->topo++;
         return 0;
@@ -305,6 +308,9 @@ int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char *
     fctx->params = *p;
     if (topo_changed) {
         fctx->topo++;
+        // the worst-case graph changed: re-reserve the compute buffers now
+        // (else they grow during decoding, and llama.cpp warns at free)
+        ctx->ffnskip_need_reserve();
     }
     if (p->mode != FFNSKIP_MODE_OFF && !fctx->supported && !fctx->warned) {
         LLAMA_LOG_WARN("ffnskip: FFN skipping is off for this context: %s\n", fctx->reason.c_str());

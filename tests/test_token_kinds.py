@@ -140,3 +140,15 @@ def test_the_raw_c_api_keeps_the_batch_shape_rule(smollm2_path):
     with pytest.raises(Exception):
         llm.eval([10**9])  # invalid token: the kind is restored
     assert _lib.ffnskip_get_token_kind(llm._ctx.ctx) == _lib.FFNSKIP_TOKENS_AUTO
+
+
+def test_a_mode_change_re_reserves_the_compute_buffers(smollm2_path, capfd):
+    llm = _llama(smollm2_path, **GATE)
+    _text(llm, P, 4)
+    llm.set_ffn_skip(False)  # topology change: no gate nodes
+    _text(llm, P + " And", 4)
+    llm.set_ffn_skip(True, ffn_remove_layers=[5])
+    _text(llm, P, 4)
+    llm.close()
+    err = capfd.readouterr().err
+    assert "does not match expectation" not in err, err[-2000:]
