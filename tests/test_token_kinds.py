@@ -152,3 +152,34 @@ def test_a_mode_change_re_reserves_the_compute_buffers(smollm2_path, capfd):
     llm.close()
     err = capfd.readouterr().err
     assert "does not match expectation" not in err, err[-2000:]
+
+
+def test_chat_and_streaming_count_only_generated_tokens(smollm2_path):
+    llm = _llama(smollm2_path, **GATE)
+    msgs = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    out = llm.create_chat_completion(messages=msgs, max_tokens=12, temperature=0.0)
+    n = out["usage"]["completion_tokens"]
+    st = llm.ffn_skip_stats()
+    assert st.decode_tokens == n - 1 and st.skipped > 0
+    llm.reset_ffn_skip_stats()
+    chunks = list(llm.create_chat_completion(messages=msgs, max_tokens=12, temperature=0.0, stream=True))
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == out["choices"][0]["message"]["content"]
+    assert llm.ffn_skip_stats().decode_tokens == n - 1
+
+
+def test_ram_cache_states_follow_the_settings(smollm2_path):
+    from llama_cpp import LlamaRAMCache
+
+    # heavy forced skipping: KV of the generated tokens far from dense
+    llm = _llama(smollm2_path, ffn_skip=True, ffn_skip_threshold=-2.0, ffn_skip_warmup=0, ffn_skip_max_skip=20,
+                 ffn_skip_cold_start=2, ffn_skip_cold_end=2)
+    llm.set_cache(LlamaRAMCache())
+    t = _text(llm, P, 24)
+    llm.set_ffn_skip(False)
+    llm.reset()
+    llm.ffn_skip_stats()
+    # the continuation's prompt extends into what was generated while
+    # skipping: the cached state is loaded and cut to its dense prompt
+    b = _text(llm, P + t, 12)
+    assert b == _text(_llama(smollm2_path), P + t, 12)
