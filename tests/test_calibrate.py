@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import json
 import math
+import warnings
 
 import pytest
 from gguf import GGUFReader, GGUFValueType
@@ -225,3 +226,88 @@ def test_quality_budget_mode_stays_within_budget_or_says_zero(smollm2_path, tmp_
             assert st.skip_ratio > 0.0
     finally:
         llm.close()
+
+
+def _pruned(src, dst, drop: int, set_kv: dict):
+    """What ``llama-quantize --prune-layers`` writes: block ``drop`` left out,
+    later blocks renumbered, block_count - 1, every other key copied."""
+    from gguf import GGUFWriter
+
+    r = GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = GGUFWriter(str(dst), arch=arch)
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name in set_kv:
+            continue
+        v = f.contents()
+        if f.name == f"{arch}.block_count":
+            v -= 1
+        t = f.types[0]
+        w.add_key_value(f.name, v, t, sub_type=f.types[-1] if t == GGUFValueType.ARRAY else None)
+    for k, (v, t, sub) in set_kv.items():
+        w.add_key_value(k, v, t, sub_type=sub)
+    for t in r.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            n = int(parts[1])
+            if n == drop:
+                continue
+            if n > drop:
+                parts[1] = str(n - 1)
+        w.add_tensor(".".join(parts), t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_calibration_records_the_model_it_was_measured_on(calibrated, smollm2_path):
+    from ffnskip_gguf.metadata import ffn_fingerprints
+
+    _, out, _ = calibrated
+    f = _fields(out)
+    shapes, types = ffn_fingerprints(smollm2_path)
+    assert (f["ffn_skip.model.n_layer"], f["ffn_skip.model.ffn_shapes"], f["ffn_skip.model.ffn_types"]) == \
+        (30, shapes, types)
+
+
+def test_a_pruned_model_refuses_its_calibration(calibrated, tmp_path, capsys):
+    _, out, _ = calibrated
+    p = _pruned(out, tmp_path / "pruned.gguf", 3, {
+        "ffn_skip.threshold": (0.9, F, None), "ffn_skip.exclude": ([12], A, I)})
+    with pytest.raises(MetadataError, match="30 layers .* this file has 29"):
+        Llama(str(p), verbose=False, ffn_skip=True)
+    Llama(str(p), n_ctx=64, verbose=False).close()  # dense still loads
+    assert cli_main(["inspect", str(p)]) == 0
+    assert "INVALID: the calibration was measured on a model with 30 layers" in capsys.readouterr().out
+
+
+def test_other_ffn_tensors_refuse_the_calibration(calibrated, tmp_path):
+    _, out, _ = calibrated
+    p = copy_gguf(out, tmp_path / "other.gguf", set_kv={"ffn_skip.model.ffn_shapes": ("0123456789abcdef", S, None)})
+    with pytest.raises(MetadataError, match="names or shapes differ"):
+        Llama(str(p), verbose=False, ffn_skip=True)
+
+
+def test_a_requantized_model_warns_once_and_loads(calibrated, tmp_path):
+    from ffnskip_gguf.llama import FfnSkipCalibrationMismatchWarning
+
+    _, out, _ = calibrated
+    p = copy_gguf(out, tmp_path / "requant.gguf", set_kv={"ffn_skip.model.ffn_types": ("0123456789abcdef", S, None)})
+    with pytest.warns(FfnSkipCalibrationMismatchWarning, match="requantized"):
+        llm = Llama(str(p), n_ctx=64, verbose=False, ffn_skip=True)
+    assert llm.ffn_skip_params().sources["ffn_skip_max_skip"] == "file"
+    llm.close()
+
+
+def test_calibrations_without_the_record_still_load(calibrated, tmp_path, capsys):
+    _, out, _ = calibrated
+    p = copy_gguf(out, tmp_path / "old.gguf", remove_prefixes=("ffn_skip.model.",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Llama(str(p), n_ctx=64, verbose=False, ffn_skip=True).close()
+    assert cli_main(["inspect", str(p)]) == 0
+    assert "not recorded" in capsys.readouterr().out
+    assert cli_main(["inspect", str(out)]) == 0
+    assert "fits this model            matches" in capsys.readouterr().out

@@ -570,7 +570,15 @@ def write_calibrated(src, dst, result: CalibrationResult, progress: bool = True)
     unchanged). Raises ValueError when ``dst`` is ``src``."""
     from .gguf_io import copy_gguf
 
-    return copy_gguf(src, dst, set_kv=result.gguf_kv(), remove_prefixes=("ffn_skip.",), progress=progress)
+    from .metadata import KEY_FIT_N_LAYER, KEY_FIT_SHAPES, KEY_FIT_TYPES, check_model_file, ffn_fingerprints
+
+    # what the settings were measured on: a pruned or different model is refused at load (metadata.calibration_fit)
+    shapes, types = ffn_fingerprints(src)
+    kv = dict(result.gguf_kv())
+    kv[KEY_FIT_N_LAYER] = (int(check_model_file(src).n_layer), GGUFValueType.UINT32, None)
+    kv[KEY_FIT_SHAPES] = (shapes, GGUFValueType.STRING, None)
+    kv[KEY_FIT_TYPES] = (types, GGUFValueType.STRING, None)
+    return copy_gguf(src, dst, set_kv=kv, remove_prefixes=("ffn_skip.",), progress=progress)
 
 
 def write_report(result: CalibrationResult, out_dir) -> Path:

@@ -24,7 +24,11 @@ class Inspection:
     ffn_share: FFN up/gate/down bytes / bytes a decode step reads (bench.ffn_byte_share).
     settings: the validated ``ffn_skip.*`` settings as Llama keywords ({} when none).
     calibration: the ``ffn_skip.calibration.*`` provenance values by short name.
-    error: why the ``ffn_skip.*`` keys are invalid ("" when they are valid).
+    error: why the ``ffn_skip.*`` keys are invalid ("" when they are valid),
+        including a calibration measured on another model (pruned).
+    fit: whether the calibration describes this model: "matches", "not
+        recorded" (calibrated before the ffn_skip.model.* keys), or the
+        warning (requantized) / error (metadata.calibration_fit).
     """
 
     path: Path
@@ -36,6 +40,7 @@ class Inspection:
     settings: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     error: str = ""
+    fit: str = ""
 
 
 def inspect_model(path) -> Inspection:
@@ -48,6 +53,14 @@ def inspect_model(path) -> Inspection:
         ins.settings = policy.read_file_settings(info.values, info.n_layer)
     except MetadataError as e:
         ins.error = str(e)
+    if ins.settings or ins.version is not None:
+        from .metadata import FIT_KEYS, calibration_fit
+
+        fit_error, fit_warning = calibration_fit(info)
+        if fit_error and not ins.error:
+            ins.error = fit_error
+        ins.fit = fit_error or fit_warning or (
+            "matches" if any(k in info.values for k in FIT_KEYS) else "not recorded (calibrated before ffn_skip.model.*)")
     pre = "ffn_skip.calibration."
     ins.calibration = {k[len(pre):]: gv.value for k, gv in info.values.items() if k.startswith(pre)}
     return ins
@@ -81,6 +94,7 @@ def format_inspect(ins: Inspection) -> str:
         lines.append("calibration   not calibrated (ffn_skip=True uses the defaults of DESIGN.md section 5)")
     else:
         lines.append(f"calibration   ffn_skip.version {ins.version}")
+        lines.append(f"  {'fits this model':26s} {ins.fit}")
         for kw, v in ins.settings.items():
             if isinstance(v, list) and v and isinstance(v[0], float):
                 v = "[" + ", ".join(f"{x:g}" for x in v) + "]"

@@ -15,8 +15,8 @@ from typing import Any
 import llama_cpp
 
 from . import _lib, policy
-from .errors import ModelFileError
-from .metadata import check_model_file
+from .errors import MetadataError, ModelFileError
+from .metadata import calibration_fit, check_model_file
 from .stats import FfnSkipStats
 from .stats import read as read_stats
 
@@ -27,6 +27,11 @@ _UNSET = object()
 
 class FfnSkipUncalibratedWarning(UserWarning):
     """``ffn_skip=True`` on a model file without ``ffn_skip.*`` calibration."""
+
+
+class FfnSkipCalibrationMismatchWarning(UserWarning):
+    """The file's FFN tensors differ in type from those its calibration was
+    measured on (requantized): the settings may no longer hold."""
 
 
 class FfnSkipUnsupportedWarning(UserWarning):
@@ -91,6 +96,13 @@ class Llama(llama_cpp.Llama):
             self._ffn_file = policy.read_file_settings(info.values, n_layer)
         except ValueError as e:
             self._ffn_file, self._ffn_file_error = {}, e
+        # a calibration measured on another model (pruned: other layers) is
+        # invalid like a bad key; only requantized: a warning (metadata.calibration_fit)
+        fit_error, fit_warning = calibration_fit(info) if self._ffn_file_error is None else ("", "")
+        if fit_error:
+            self._ffn_file, self._ffn_file_error = {}, MetadataError(fit_error)
+        if fit_warning and ffn_skip not in (False, None, "off", "paper"):
+            warnings.warn(fit_warning, FfnSkipCalibrationMismatchWarning, stacklevel=2)
         self._ffn_calibrated = bool(self._ffn_file)
         # ffn_skip.* entries of kv_overrides apply like file values (README)
         self._ffn_overrides = policy.read_override_settings(kwargs.get("kv_overrides"), n_layer)

@@ -188,3 +188,79 @@ def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_
         raise ModelFileError(f"invalid GGUF metadata: {problem}: {p}")
     return ModelInfo(path=p.resolve(), size=size, architecture=arch, n_layer=n_layer, values=values,
                      tensor_bytes=tensor_bytes)
+
+
+# --- what a calibration was measured on (issue 13, D6) ---------------------
+
+KEY_FIT_N_LAYER = "ffn_skip.model.n_layer"    # layers of the model calibrate measured
+KEY_FIT_SHAPES = "ffn_skip.model.ffn_shapes"  # fingerprint of its FFN tensors' names and shapes
+KEY_FIT_TYPES = "ffn_skip.model.ffn_types"    # fingerprint of their types (quantization)
+FIT_KEYS = (KEY_FIT_N_LAYER, KEY_FIT_SHAPES, KEY_FIT_TYPES)
+
+
+def ffn_fingerprints(path: str | os.PathLike) -> tuple[str, str]:
+    """Fingerprints of the FFN tensors (``blk.N.ffn_*``) of a GGUF file:
+    (names and shapes, names and types), each the first 16 hex digits of a
+    SHA-256 over sorted lines. Reads the tensor table only (ggml's C GGUF
+    reader). Raises ModelFileError for a file that cannot be parsed."""
+    import ctypes
+    import hashlib
+
+    from . import _lib
+
+    p = Path(path)
+    ctx = ctypes.c_void_p()
+    g = _lib.gguf_init_from_file(os.fsencode(str(p)), _lib.gguf_init_params(True, ctypes.addressof(ctx)))
+    if not g:
+        raise ModelFileError(f"malformed or truncated GGUF file: {p}")
+    shapes, types = [], []
+    try:
+        t = _lib.ggml_get_first_tensor(ctx)
+        while t:
+            name = (_lib.ggml_get_name(t) or b"").decode("utf-8", "replace")
+            parts = name.split(".")
+            if len(parts) >= 3 and parts[0] == "blk" and parts[2].startswith("ffn_"):
+                # struct ggml_tensor: int type; (pad); void * buffer; int64_t ne[4] (ggml.h)
+                ttype = ctypes.c_int.from_address(t).value
+                ne = (ctypes.c_int64 * 4).from_address(t + 16)
+                shapes.append(f"{name}:{','.join(str(int(x)) for x in ne)}")
+                types.append(f"{name}:{ttype}")
+            t = _lib.ggml_get_next_tensor(ctx, t)
+    finally:
+        _lib.gguf_free(g)
+        if ctx.value:
+            _lib.ggml_free(ctx)
+
+    def h(lines: list[str]) -> str:
+        return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
+
+    return h(shapes), h(types)
+
+
+def calibration_fit(info: "ModelInfo") -> tuple[str, str]:
+    """Does the file's calibration describe this model? Compares what
+    ``calibrate`` recorded (``ffn_skip.model.*``) with the file itself.
+    Returns (error, warning): an error when the layer count or the FFN
+    tensors' names or shapes differ (a pruned or different model: the
+    per-layer settings would land on other layers), a warning when only
+    their types differ (requantized); ("", "") when they match or the file
+    records nothing (calibrations written before these keys)."""
+    rec = {k: info.values.get(k) for k in FIT_KEYS}
+    if all(v is None for v in rec.values()):
+        return "", ""
+    n = rec[KEY_FIT_N_LAYER]
+    if n is not None and int(n.value) != info.n_layer:
+        return (f"the calibration was measured on a model with {int(n.value)} layers ({KEY_FIT_N_LAYER}), "
+                f"this file has {info.n_layer}: its per-layer settings would apply to other layers "
+                "(a pruned or different model); recalibrate it"), ""
+    shapes, types = ffn_fingerprints(info.path)
+    s = rec[KEY_FIT_SHAPES]
+    if s is not None and str(s.value) != shapes:
+        return (f"the calibration was measured on FFN tensors with fingerprint {s.value} ({KEY_FIT_SHAPES}), "
+                f"this file's are {shapes}: names or shapes differ (a pruned or different model); recalibrate it"), ""
+    t = rec[KEY_FIT_TYPES]
+    if t is not None and str(t.value) != types:
+        return "", (f"the FFN tensors' types differ from those the calibration was measured on ({KEY_FIT_TYPES} "
+                    f"{t.value}, this file {types}): requantized? The settings may no longer hold; "
+                    "measure with `ffnskip-gguf eval`")
+    return "", ""
