@@ -26,9 +26,11 @@ FFN_TENSORS = ("ffn_up", "ffn_gate", "ffn_down")
 def ffn_byte_share(path: str | Path) -> float:
     """Share of decode weight bytes in FFN blocks: FFN up/gate/down bytes over
     all bytes a decode step reads (every block tensor plus the output head;
-    the token embedding counts only when it doubles as the head)."""
-    info = check_model_file(path, prefixes=())
-    tb = info.tensor_bytes
+    the token embedding counts only when it doubles as the head). A split
+    GGUF counts every shard (metadata.shard_paths)."""
+    from .metadata import tensor_bytes_all
+
+    tb = tensor_bytes_all(path)
     head = tb.get("output.weight", tb.get("token_embd.weight", 0))
     blocks = sum(v for k, v in tb.items() if k.startswith("blk."))
     ffn = sum(v for k, v in tb.items() if k.startswith("blk.") and k.split(".")[2] in FFN_TENSORS)

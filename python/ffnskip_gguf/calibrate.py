@@ -664,6 +664,12 @@ def calibrate(model, out, *, quality_budget: float | None = None, target_skip: f
     src = resolve_model(model)
     dst = Path(out)
     check_output_path(src, dst)
+    from .metadata import shard_paths
+
+    if len(shard_paths(src)) > 1:  # before any work
+        raise CalibrationError(f"{src} is a split GGUF ({len(shard_paths(src))} shards); calibrate writes one file "
+                               "and would not copy the other shards: merge them first "
+                               "(llama.cpp: llama-gguf-split --merge FIRST-SHARD OUT.gguf), then calibrate that file")
     if report_dir is not None:
         rd = Path(report_dir)
         if rd.exists() and not rd.is_dir():

@@ -41,12 +41,17 @@ class Inspection:
     calibration: dict = field(default_factory=dict)
     error: str = ""
     fit: str = ""
+    shards: int = 1
 
 
 def inspect_model(path) -> Inspection:
     """Inspect ``path``. Raises ModelFileError for a file that is not a loadable GGUF."""
-    info = check_model_file(path)
-    ins = Inspection(info.path, info.architecture, info.n_layer, info.size, ffn_byte_share(info.path))
+    from .metadata import shard_paths
+
+    shards = shard_paths(path)  # a split model: every shard, or an error naming the missing one
+    info = check_model_file(shards[0])  # the first shard holds the metadata
+    size = sum(q.stat().st_size for q in shards)
+    ins = Inspection(info.path, info.architecture, info.n_layer, size, ffn_byte_share(info.path), shards=len(shards))
     v = info.values.get(policy.GGUF_KEY_VERSION)
     ins.version = v.value if v is not None else None
     try:
@@ -85,7 +90,8 @@ def _comparison_rows(v: Any) -> list[str] | None:
 
 def format_inspect(ins: Inspection) -> str:
     """Human-readable report of an Inspection."""
-    lines = [f"file          {ins.path} ({ins.size / 2**20:.1f} MiB)",
+    split = f", {ins.shards} shards" if ins.shards > 1 else ""
+    lines = [f"file          {ins.path} ({ins.size / 2**20:.1f} MiB{split})",
              f"architecture  {ins.architecture}, {ins.n_layer} layers",
              f"FFN share     {ins.ffn_share:.1%} of the weight bytes a decode step reads"]
     if ins.error:

@@ -93,13 +93,16 @@ def _read_value(g, kid: int) -> GGUFValue:
     return GGUFValue(t, _SCALAR_CTYPES[t].from_address(ptr).value)
 
 
-def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_skip.",)) -> ModelInfo:
+def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_skip.",),
+                     shard: bool = False) -> ModelInfo:
     """Check that ``path`` is a complete GGUF file and read its basics.
 
     Args:
         path: model file path.
         prefixes: metadata keys starting with one of these are returned in
             ``ModelInfo.values`` (default: the ``ffn_skip.`` namespace).
+        shard: a later shard of a split model (no ``general.architecture``
+            needed: the first shard holds the metadata).
 
     Returns:
         ModelInfo.
@@ -182,7 +185,7 @@ def check_model_file(path: str | os.PathLike, prefixes: tuple[str, ...] = ("ffn_
         raise ModelFileError(
             f"truncated GGUF file: tensor data ends at byte {end} but the file has {size} bytes: {p}"
         )
-    if not arch:
+    if not arch and not (shard and KEY_SPLIT_COUNT in values):
         raise ModelFileError(f"GGUF file has no general.architecture key, not a model: {p}")
     if problem:
         raise ModelFileError(f"invalid GGUF metadata: {problem}: {p}")
@@ -202,18 +205,29 @@ def ffn_fingerprints(path: str | os.PathLike) -> tuple[str, str]:
     """Fingerprints of the FFN tensors (``blk.N.ffn_*``) of a GGUF file:
     (names and shapes, names and types), each the first 16 hex digits of a
     SHA-256 over sorted lines. Reads the tensor table only (ggml's C GGUF
-    reader). Raises ModelFileError for a file that cannot be parsed."""
-    import ctypes
+    reader), over every shard of a split model. Raises ModelFileError for a
+    file that cannot be parsed or a missing shard."""
     import hashlib
+
+    shapes, types = [], []
+    for p in shard_paths(path):
+        _ffn_lines(p, shapes, types)
+
+    def h(lines: list[str]) -> str:
+        return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
+
+    return h(shapes), h(types)
+
+
+def _ffn_lines(p: Path, shapes: list, types: list) -> None:
+    import ctypes
 
     from . import _lib
 
-    p = Path(path)
     ctx = ctypes.c_void_p()
     g = _lib.gguf_init_from_file(os.fsencode(str(p)), _lib.gguf_init_params(True, ctypes.addressof(ctx)))
     if not g:
         raise ModelFileError(f"malformed or truncated GGUF file: {p}")
-    shapes, types = [], []
     try:
         t = _lib.ggml_get_first_tensor(ctx)
         while t:
@@ -230,11 +244,6 @@ def ffn_fingerprints(path: str | os.PathLike) -> tuple[str, str]:
         _lib.gguf_free(g)
         if ctx.value:
             _lib.ggml_free(ctx)
-
-    def h(lines: list[str]) -> str:
-        return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
-
-    return h(shapes), h(types)
 
 
 def calibration_fit(info: "ModelInfo") -> tuple[str, str]:
@@ -264,3 +273,45 @@ def calibration_fit(info: "ModelInfo") -> tuple[str, str]:
                     f"{t.value}, this file {types}): requantized? The settings may no longer hold; "
                     "measure with `ffnskip-gguf eval`")
     return "", ""
+
+
+# --- split GGUFs (issue 13, D7) ----------------------------------------------
+
+KEY_SPLIT_COUNT = "split.count"  # llama.cpp's gguf-split / gguf-py's split_max_tensors (LLM_KV_SPLIT_COUNT)
+
+
+def shard_paths(path: str | os.PathLike) -> list[Path]:
+    """Every shard of a split GGUF (``PREFIX-0000i-of-0000N.gguf``, the names
+    llama.cpp's ``llama_split_path`` and gguf-py write), first shard first,
+    given any of them; ``[path]`` for a single-file model.
+
+    Raises:
+        ModelFileError: a shard is missing (names it), or the file says it is
+            split but its name does not follow the pattern; as
+            ``check_model_file`` for a bad file.
+    """
+    import re
+
+    info = check_model_file(path, prefixes=("split.",), shard=True)
+    v = info.values.get(KEY_SPLIT_COUNT)
+    count = int(v.value) if v is not None and isinstance(v.value, int) else 1
+    if count <= 1:
+        return [info.path]
+    m = re.match(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", info.path.name)
+    if m is None or int(m.group("count")) != count:
+        raise ModelFileError(f"{info.path} is shard of a model split into {count} files ({KEY_SPLIT_COUNT}), but its "
+                             "name does not follow PREFIX-0000i-of-0000N.gguf, so the other shards cannot be found")
+    shards = [info.path.with_name(f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    for q in shards:
+        if not q.is_file():
+            raise ModelFileError(f"shard {q.name} of the split model {info.path.name} is missing ({count} shards expected "
+                                 f"in {q.parent})")
+    return shards
+
+
+def tensor_bytes_all(path: str | os.PathLike) -> dict[str, int]:
+    """Tensor name -> bytes over every shard of ``path`` (shard_paths)."""
+    out: dict[str, int] = {}
+    for q in shard_paths(path):
+        out.update(check_model_file(q, prefixes=("split.",), shard=True).tensor_bytes)
+    return out
