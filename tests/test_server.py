@@ -27,13 +27,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_path, tmp_path_factory):
+def _start(model, log, extra=()):
     port = _free_port()
-    log = tmp_path_factory.mktemp("srv") / "server.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "ffnskip_gguf", "serve", "--model", smollm2_path,
-                                 "--port", str(port), "--ffn-skip", "--threads", str(N_THREADS), "--n-ctx", "1024"],
+        proc = subprocess.Popen([sys.executable, "-m", "ffnskip_gguf", "serve", "--model", model,
+                                 "--port", str(port), "--threads", str(N_THREADS), "--n-ctx", "1024", *extra],
                                 stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -47,14 +45,23 @@ def server(smollm2_path, tmp_path_factory):
             proc.kill()
             pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
-    client = httpx.Client(base_url=base, timeout=120)
-    yield client, proc
+    return httpx.Client(base_url=base, timeout=120), proc
+
+
+def _stop(client, proc):
     client.close()
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    client, proc = _start(smollm2_path, tmp_path_factory.mktemp("srv") / "server.log", ["--ffn-skip"])
+    yield client, proc
+    _stop(client, proc)
 
 
 def _complete(client, prompt, n=48):
@@ -202,3 +209,25 @@ def test_grammar_precheck(g, ok):
     from ffnskip_gguf.server import grammar_problem
 
     assert (grammar_problem(g) == "") == ok
+
+
+def test_the_prompt_cache_reuses_states_and_counts_only_generated_tokens(smollm2_path, tmp_path):
+    """--cache (llama-cpp-python's LlamaRAMCache): a follow-up request that
+    extends the first one's prompt and answer reuses its state; each answer
+    counts its own generated tokens only (the reused prompt is not re-counted)."""
+    client, proc = _start(smollm2_path, tmp_path / "server.log",
+                          ["--cache", "--ffn-skip", "--threshold", "0.9", "--warmup", "0"])
+    try:
+        p = "The history of the printing press begins in the fifteenth century, when"
+        r1 = client.post("/v1/completions", json={"prompt": p, "max_tokens": 16, "temperature": 0})
+        assert r1.status_code == 200, r1.text
+        t = r1.json()["choices"][0]["text"]
+        n1 = r1.json()["usage"]["completion_tokens"]
+        assert float(r1.headers["x-ffn-skip-ratio"]) > 0
+        r2 = client.post("/v1/completions", json={"prompt": p + t, "max_tokens": 16, "temperature": 0})
+        assert r2.status_code == 200, r2.text
+        n2 = r2.json()["usage"]["completion_tokens"]
+        st = client.get("/ffn_skip/stats").json()
+        assert st["decode_tokens"] == (n1 - 1) + (n2 - 1)
+    finally:
+        _stop(client, proc)

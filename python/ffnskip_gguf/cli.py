@@ -266,7 +266,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {a.port}")
     path = resolve_model(a.model)
     serve(str(path), host=a.host, port=a.port, ffn_kwargs=skip_kwargs(a), n_ctx=a.n_ctx, n_threads=a.threads,
-          seed=a.seed, verbose=a.verbose, api_key=a.api_key, chat_format=a.chat_format)
+          seed=a.seed, verbose=a.verbose, api_key=a.api_key, chat_format=a.chat_format,
+          **({"cache": True} if a.cache else {}))
     return 0
 
 
@@ -281,6 +282,8 @@ def _register_serve(sub) -> None:
     s.add_argument("--chat-format", default=None, help="llama-cpp-python chat format (default: the model's template)")
     s.add_argument("--api-key", default=None)
     s.add_argument("--verbose", action="store_true")
+    s.add_argument("--cache", action="store_true",
+                   help="llama-cpp-python's prompt cache (LlamaRAMCache): KV states reused across requests")
     _add_skip_args(s)
     s.set_defaults(func=cmd_serve)
 
