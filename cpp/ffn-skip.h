@@ -21,7 +21,7 @@ extern "C" {
 #    define FFNSKIP_API __attribute__((visibility("default")))
 #endif
 
-#define FFNSKIP_API_VERSION 2
+#define FFNSKIP_API_VERSION 3
 
 // Largest model (layers) the fixed-size arrays below describe; a model with
 // more layers decodes dense and reports itself unsupported.

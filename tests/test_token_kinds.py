@@ -183,3 +183,38 @@ def test_ram_cache_states_follow_the_settings(smollm2_path):
     # skipping: the cached state is loaded and cut to its dense prompt
     b = _text(llm, P + t, 12)
     assert b == _text(_llama(smollm2_path), P + t, 12)
+
+
+def test_turning_static_removal_on_drops_the_whole_cache(smollm2_path):
+    llm = _llama(smollm2_path)
+    _text(llm, P, 8)
+    assert llm.n_tokens > 0
+    llm.set_ffn_skip("static", ffn_remove_layers=[5, 9])
+    assert llm.n_tokens == 0  # removal changes the prompt's KV too
+    a = _text(llm, P, 8)
+    assert a == _text(_llama(smollm2_path, ffn_skip="static", ffn_remove_layers=[5, 9]), P, 8)
+    state = llm.save_state()
+    llm.set_ffn_skip(False)
+    llm.load_state(state)  # saved under removal, loaded dense: nothing of it holds
+    assert llm.n_tokens == 0
+
+
+def test_a_dense_state_loaded_under_removal_is_dropped(smollm2_path):
+    llm = _llama(smollm2_path)
+    _text(llm, P, 8)
+    state = llm.save_state()
+    llm.set_ffn_skip("static", ffn_remove_layers=[5])
+    llm.load_state(state)
+    assert llm.n_tokens == 0
+
+
+def test_a_late_close_of_an_abandoned_generator_counts_nothing_spurious(smollm2_path):
+    llm = _llama(smollm2_path, **GATE)
+    toks = llm.tokenize(P.encode())
+    g = llm.generate(toks, temp=0.0)
+    for _ in range(3):
+        next(g)
+    llm.reset_ffn_skip_stats()
+    _text(llm, "A different prompt about bees and honey", 8)  # another call while g is held
+    g.close()
+    assert llm.ffn_skip_stats().rejected_tokens == 0

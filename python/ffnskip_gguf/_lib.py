@@ -17,7 +17,7 @@ import llama_cpp.llama_cpp as _llama_cpp
 from ._libpath import _lib_filename
 from ._pin import LLAMA_CPP_PYTHON_VERSION
 
-FFNSKIP_API_VERSION = 2
+FFNSKIP_API_VERSION = 3
 FFNSKIP_MAX_LAYERS = 256
 
 FFNSKIP_MODE_OFF = 0
@@ -82,6 +82,17 @@ _params_p = ctypes.POINTER(ffnskip_params)
 
 ffnskip_api_version = _fn("ffnskip_api_version", [], ctypes.c_int32)
 ffnskip_llama_cpp_pin = _fn("ffnskip_llama_cpp_pin", [], ctypes.c_char_p)
+# the version check comes before any other binding: a stale library fails here, clearly
+if ffnskip_api_version() != FFNSKIP_API_VERSION:
+    raise ImportError(
+        f"ffnskip C API version {ffnskip_api_version()} in {_lib._name}, expected {FFNSKIP_API_VERSION}; "
+        "the Python package and the native library come from different builds"
+    )
+if ffnskip_llama_cpp_pin().decode() != LLAMA_CPP_PYTHON_VERSION:
+    raise ImportError(
+        f"native library built from llama-cpp-python {ffnskip_llama_cpp_pin().decode()}, "
+        f"the package expects {LLAMA_CPP_PYTHON_VERSION}"
+    )
 ffnskip_params_default = _fn("ffnskip_params_default", [_params_p, ctypes.c_int32], None)
 ffnskip_params_validate = _fn(
     "ffnskip_params_validate", [_params_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32
@@ -111,16 +122,7 @@ ffnskip_get_trace = _fn(
     ctypes.c_int32,
 )
 
-if ffnskip_api_version() != FFNSKIP_API_VERSION:
-    raise ImportError(
-        f"ffnskip C API version {ffnskip_api_version()} in {_lib._name}, expected {FFNSKIP_API_VERSION}; "
-        "the Python package and the native library come from different builds"
-    )
-if ffnskip_llama_cpp_pin().decode() != LLAMA_CPP_PYTHON_VERSION:
-    raise ImportError(
-        f"native library built from llama-cpp-python {ffnskip_llama_cpp_pin().decode()}, "
-        f"the package expects {LLAMA_CPP_PYTHON_VERSION}"
-    )
+
 
 
 # --- ggml's GGUF reader (libggml-base), used by metadata.py -----------------

@@ -203,8 +203,9 @@ class Llama(llama_cpp.Llama):
             self._ffn_args, self._ffn_skip_value, self._ffn_settings = old
             raise
         if self._ffn_key() != old_key:
-            # KV computed under the old settings is valid only below the first affected position
-            self._ffn_cut_kv(int(_lib.ffnskip_affected_pos(self._ffn_ctx)))
+            # KV computed under the old settings is valid only below the first
+            # affected position; static removal changes every position
+            self._ffn_cut_kv(0 if self._ffn_removes() else int(_lib.ffnskip_affected_pos(self._ffn_ctx)))
             _lib.ffnskip_set_affected_pos(self._ffn_ctx, -1)
 
     def ffn_skip_params(self) -> policy.FfnSkipSettings:
@@ -279,6 +280,10 @@ class Llama(llama_cpp.Llama):
         if gen is not None and self._ffn_phase == "generated":
             if gen["end"] > self.n_tokens:  # drafts after a mismatch, about to be removed
                 gen["rejected"] += gen["end"] - self.n_tokens
+        # the parent's eval drops the KV cache from n_tokens on: an affected
+        # position there no longer describes the cache
+        if int(_lib.ffnskip_affected_pos(self._ffn_ctx)) >= self.n_tokens:
+            _lib.ffnskip_set_affected_pos(self._ffn_ctx, -1)
         self._ffn_with_kind(self._ffn_token_kind(len(tokens)), super().eval, tokens)
         if gen is not None and self._ffn_phase == "generated":
             gen["end"] = self.n_tokens
@@ -291,12 +296,14 @@ class Llama(llama_cpp.Llama):
         return self._ffn_generate(super().generate(tokens, *args, **kwargs))
 
     def _ffn_generate(self, inner):
-        outer = (self._ffn_phase, self._ffn_gen)
         gen = {"end": 0, "rejected": 0, "prompt_end": None}
         n_yielded = 0
+        last = None    # the last yielded token
+        n_after = 0    # self.n_tokens after the last step (a late close must not read later calls' state)
         sent = None
         try:
             while True:
+                outer = (self._ffn_phase, self._ffn_gen)
                 self._ffn_phase, self._ffn_gen = ("prompt" if n_yielded == 0 else "generated"), gen
                 try:
                     token = inner.send(sent)
@@ -304,21 +311,36 @@ class Llama(llama_cpp.Llama):
                     return
                 finally:
                     self._ffn_phase, self._ffn_gen = outer
+                    n_after = self.n_tokens
                 if n_yielded == 0:
                     gen["prompt_end"] = self.n_tokens  # the prompt is in the KV cache, no generated token yet
                 n_yielded += 1
+                last = token
                 sent = yield token
         finally:
             inner.close()
-            self._ffn_phase, self._ffn_gen = outer
             # drafts removed after the last eval, or evaluated and never verified
-            if gen["end"] > self.n_tokens:
-                gen["rejected"] += gen["end"] - self.n_tokens
-            if gen["prompt_end"] is not None:
-                real_end = gen["prompt_end"] + n_yielded  # after the last sampled token
-                gen["rejected"] += max(0, min(self.n_tokens, gen["end"]) - real_end)
+            if gen["end"] > n_after:
+                gen["rejected"] += gen["end"] - n_after
+            if gen["prompt_end"] is not None and n_yielded:
+                # the last sampled token sits at q; a draft evaluated there was
+                # accepted only if it is that token
+                q = gen["prompt_end"] + n_yielded - 1
+                kept = q + 1 if q < min(n_after, gen["end"]) and int(self.input_ids[q]) == last else q
+                gen["rejected"] += max(0, min(n_after, gen["end"]) - kept)
             if gen["rejected"] and getattr(getattr(self, "_ctx", None), "ctx", None):
                 _lib.ffnskip_add_rejected(self._ffn_ctx, gen["rejected"])
+
+    def create_chat_completion(self, *args, **kwargs):
+        """``llama_cpp.Llama.create_chat_completion``; evals a chat handler
+        makes itself (multimodal handlers evaluate text chunks, even single
+        tokens, before generating) are prompt."""
+        outer = self._ffn_phase
+        self._ffn_phase = "prompt"
+        try:
+            return self._ffn_with_kind(_lib.FFNSKIP_TOKENS_PROMPT, super().create_chat_completion, *args, **kwargs)
+        finally:
+            self._ffn_phase = outer
 
     def embed(self, *args, **kwargs):
         """``llama_cpp.Llama.embed``; embedding inputs are prompt tokens
@@ -336,13 +358,25 @@ class Llama(llama_cpp.Llama):
     # any settings, so prefix reuse and chat caching keep working).
 
     def _ffn_key(self) -> bytes:
+        """What the KV cache's values depend on: only the fields that change
+        decisions in the mode in effect (dense when unsupported)."""
         s = self._ffn_settings
-        return b"off" if not s.enabled else bytes(policy.to_c(s))
+        if not s.enabled or not _lib.ffnskip_supported(self._ffn_ctx, None, 0):
+            return b"off"
+        if s.mode == "static":
+            return b"static:" + ",".join(str(j) for j in sorted(s.remove_layers)).encode()
+        return bytes(policy.to_c(s))
+
+    def _ffn_removes(self) -> bool:
+        """Static removal in effect: it changes every token, prompt included."""
+        return self._ffn_key() != b"off" and bool(self._ffn_settings.remove_layers)
 
     def _ffn_cut_kv(self, pos: int) -> None:
         """Drop KV cache entries from position ``pos`` on."""
         if 0 <= pos < self.n_tokens:
-            self._ctx.kv_cache_seq_rm(-1, pos, -1)
+            if not self._ctx.kv_cache_seq_rm(-1, pos, -1):
+                self._ctx.kv_cache_clear()  # a memory that cannot drop a suffix: start over
+                pos = 0
             self.n_tokens = pos
             self._requires_eval = True
 
@@ -364,7 +398,10 @@ class Llama(llama_cpp.Llama):
         if key is None:  # saved by another Llama class: settings unknown
             affected = 0 if self._ffn_key() != b"off" else -1
             key = b"unknown"
-        if key != self._ffn_key() and affected >= 0:
-            self._ffn_cut_kv(affected)
+        if key != self._ffn_key():
+            if self._ffn_removes():
+                affected = 0  # removal now changes every position, prompt included
+            if affected >= 0:
+                self._ffn_cut_kv(affected)
             affected = -1
         _lib.ffnskip_set_affected_pos(self._ffn_ctx, affected if affected < self.n_tokens else -1)
