@@ -23,7 +23,8 @@
 // tail) holds the whole ubatch's trace, which the host reads once per ubatch
 // for the stats (ffnskip_ubatch_end in cpp/ffn-skip-graph.cpp).
 //
-// A predicated MUL_MAT carries the gate state of its layer as src[2] and
+// A predicated MUL_MAT carries the gate state of its layer as src[2] (a
+// MUL_MAT_ID of an MoE block as src[3]: src[2] is its expert ids) and
 // FFNSKIP_MUL_MAT_MAGIC(_NOOP) in its last op_params slot. When the state's
 // all-skip flag (element 0) is set, the backend writes zeros (plus any fused
 // addend) to dst and returns without reading the weights (decode is
@@ -101,8 +102,14 @@ GGML_API struct ggml_tensor * ggml_ffnskip_gate(
         struct ggml_tensor  * o,
         int32_t il, int32_t tail, int32_t obs, int32_t n_layer);
 
+// The gate state of a predicated matmul: src[2] of a MUL_MAT, src[3] of a
+// MUL_MAT_ID (whose src[2] holds the expert ids; MoE blocks, issue 15).
+static inline const struct ggml_tensor * ffnskip_mul_mat_gate(const struct ggml_tensor * dst) {
+    return dst->op == GGML_OP_MUL_MAT ? dst->src[2] : dst->op == GGML_OP_MUL_MAT_ID ? dst->src[3] : NULL;
+}
+
 static inline int ffnskip_mul_mat_is_predicated(const struct ggml_tensor * dst) {
-    return dst->op == GGML_OP_MUL_MAT && dst->src[2] != NULL &&
+    return ffnskip_mul_mat_gate(dst) != NULL &&
            (dst->op_params[FFNSKIP_OP_PARAM_SLOT] == FFNSKIP_MUL_MAT_MAGIC ||
             dst->op_params[FFNSKIP_OP_PARAM_SLOT] == FFNSKIP_MUL_MAT_MAGIC_NOOP);
 }
@@ -129,7 +136,7 @@ static inline int ffnskip_cpu_node_is_noop(const struct ggml_tensor * node) {
 // the repacked "extra" buffer types). Returns 1 when the node was skipped:
 // thread ith has zeroed its share of dst.
 static inline int ffnskip_cpu_mul_mat_skip(int ith, int nth, struct ggml_tensor * dst) {
-    if (!ffnskip_mul_mat_is_predicated(dst) || !ffnskip_all_skip(dst->src[2])) {
+    if (!ffnskip_mul_mat_is_predicated(dst) || !ffnskip_all_skip(ffnskip_mul_mat_gate(dst))) {
         return 0;
     }
     GGML_ASSERT(ggml_is_contiguous(dst));

@@ -292,6 +292,11 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
         ggml_tensor * g = ggml_ffnskip_gate(ctx0, b.inp->inp, b.inp->pol, has_prev ? b.state : nullptr, h, o,
                                             il, 0, obs, f->n_layer);
         ggml_format_name(g, "ffnskip_gate-%d", il);
+        // into the graph now, right after h_j, not where a consumer first pulls
+        // it in: inside an MoE block that moved nodes of the dense graph and
+        // changed the output (qwen3moe, never-fire vs dense: 0.007 in the
+        // logits; with this, bit-identical on every architecture, tests/test_archs.py)
+        ggml_build_forward_expand(gf, g);
         b.state   = g;
         b.gate_il = g;
     }
@@ -327,8 +332,9 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
     if (f == nullptr || il < 0 || il >= f->n_layer || !f->b.active || !f->b.adaptive || f->b.gate_il == nullptr) {
         return out;
     }
+    // gate_il stays set until ffnskip_ffn_end: an MoE layer's shared expert
+    // (build_ffn) comes before the block hook (ffnskip_ffn_block)
     ggml_tensor * g = f->b.gate_il;
-    f->b.gate_il = nullptr;
 
     // predicate the weight matmuls between inp and out on the gate
     std::vector<ggml_tensor *> stack = { out };
@@ -378,5 +384,70 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
         out = ggml_mul(ctx0, out, keep);
         ggml_format_name(out, "ffnskip_mask-%d", il);
     }
+    return out;
+}
+
+// Predicates every FFN weight matmul of layer il between inp (the tensor given
+// to ffnskip_ffn_begin) and out (the FFN block's output, before the residual
+// add) that build_ffn has not: the router, the experts (MUL_MAT_ID: the gate
+// state goes to src[3], src[2] holds the expert ids) and anything else whose
+// weight is named blk.<il>.ffn_*. These write zeros when skipped (never the
+// no-op variant: softmax, top-k and bias nodes read them), and the block's
+// output rows are masked with the keep row, so a skipped token's FFN output
+// is exactly zero whatever biases or routing weights the block adds. A block
+// where nothing new was found (a dense FFN: build_ffn did it) is unchanged.
+ggml_tensor * llm_graph_context::ffnskip_ffn_block(ggml_tensor * inp, ggml_tensor * out, int il) const {
+    ffnskip_context * f = ffnskip;
+    if (f == nullptr || il < 0 || il >= f->n_layer || !f->b.active || !f->b.adaptive || f->b.gate_il == nullptr) {
+        return out;
+    }
+    ggml_tensor * g = f->b.gate_il;
+    char prefix[32];
+    snprintf(prefix, sizeof(prefix), "blk.%d.ffn_", il);
+    const size_t prefix_len = strlen(prefix);
+    int n_new = 0;
+    std::vector<ggml_tensor *> stack = { out };
+    std::vector<ggml_tensor *> seen;
+    while (!stack.empty()) {
+        ggml_tensor * t = stack.back();
+        stack.pop_back();
+        if (t == nullptr || t == inp || t == g || t->op == GGML_OP_NONE) {
+            continue;
+        }
+        bool visited = false;
+        for (ggml_tensor * s : seen) {
+            visited = visited || s == t;
+        }
+        if (visited) {
+            continue;
+        }
+        seen.push_back(t);
+        GGML_ASSERT(seen.size() < 4096 && "ffnskip: the FFN block does not lead back to its input");
+        const bool ffn_weight = t->src[0] != nullptr && t->src[0]->op == GGML_OP_NONE &&
+                                strncmp(ggml_get_name(t->src[0]), prefix, prefix_len) == 0;
+        if (ffn_weight && t->op == GGML_OP_MUL_MAT && t->src[2] == nullptr) {
+            t->src[2] = g;
+            t->op_params[FFNSKIP_OP_PARAM_SLOT] = FFNSKIP_MUL_MAT_MAGIC;
+            n_new++;
+        } else if (ffn_weight && t->op == GGML_OP_MUL_MAT_ID && t->src[3] == nullptr) {
+            t->src[3] = g;
+            t->op_params[FFNSKIP_OP_PARAM_SLOT] = FFNSKIP_MUL_MAT_MAGIC;
+            n_new++;
+        }
+        for (int i = 0; i < GGML_MAX_SRC; ++i) {
+            if (t->src[i] != nullptr) {
+                stack.push_back(t->src[i]);
+            }
+        }
+    }
+    if (n_new == 0) {
+        return out;
+    }
+    const int64_t rows = out->ne[1];
+    GGML_ASSERT(ggml_nrows(out) == rows && rows <= n_tokens);
+    const int row = rows == n_tokens ? FFNSKIP_ROW_KEEP : FFNSKIP_ROW_KEEP_OUT;
+    ggml_tensor * keep = ggml_view_2d(ctx0, g, 1, rows, sizeof(float), row * g->nb[1]);
+    out = ggml_mul(ctx0, out, keep);
+    ggml_format_name(out, "ffnskip_block_mask-%d", il);
     return out;
 }

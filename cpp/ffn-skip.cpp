@@ -120,6 +120,21 @@ static bool ffnskip_arch_hooked(llm_arch arch) {
         case LLM_ARCH_QWEN2:
         case LLM_ARCH_QWEN3:
         case LLM_ARCH_GEMMA3:
+        // issue 15: one hunk per builder, the FFN block between ffnskip_ffn_begin
+        // and ffnskip_ffn_block/_end (MoE blocks whole: router, experts, shared expert)
+        case LLM_ARCH_GEMMA2:
+        case LLM_ARCH_GEMMA4:
+        case LLM_ARCH_PHI3:
+        case LLM_ARCH_MISTRAL3:
+        case LLM_ARCH_GRANITE:
+        case LLM_ARCH_OLMO2:
+        case LLM_ARCH_SMOLLM3:
+        case LLM_ARCH_GLM4:
+        case LLM_ARCH_EXAONE4:
+        case LLM_ARCH_QWEN35:
+        case LLM_ARCH_QWEN3MOE:
+        case LLM_ARCH_QWEN35MOE:
+        case LLM_ARCH_OPENAI_MOE:
             return true;
         default:
             return false;
@@ -225,7 +240,8 @@ static void ffnskip_check_supported(ffnskip_context * fctx) {
     fctx->supported = false;
     if (!ffnskip_arch_hooked(model.arch)) {
         fctx->reason = std::string("architecture '") + llm_arch_name(model.arch) +
-                       "' has no FFN-skip hooks (supported: llama, qwen2, qwen3, gemma3)";
+                       "' has no FFN-skip hooks (supported: llama, qwen2, qwen3, gemma3, gemma2, gemma4, phi3, "
+                       "mistral3, granite, olmo2, smollm3, glm4, exaone4, qwen35, qwen3moe, qwen35moe, gpt-oss)";
         return;
     }
     if (fctx->n_layer < 1 || fctx->n_layer > FFNSKIP_MAX_LAYERS) {
@@ -236,14 +252,36 @@ static void ffnskip_check_supported(ffnskip_context * fctx) {
     std::string note;
     for (int il = 0; il < fctx->n_layer; ++il) {
         const llama_layer & layer = model.layers[il];
-        if (layer.ffn_gate_inp != nullptr || layer.ffn_down == nullptr) {
-            fctx->reason = "layer " + std::to_string(il) + " has no dense FFN (mixture of experts is not supported)";
+        const bool moe = layer.ffn_gate_inp != nullptr || layer.ffn_down_exps != nullptr;
+        if (!moe && layer.ffn_down == nullptr) {
+            fctx->reason = "layer " + std::to_string(il) + " has no FFN down projection the gate knows";
             return;
         }
         for (const ggml_tensor * w : { layer.ffn_up, layer.ffn_gate, layer.ffn_down }) {
             std::string why;
             if (!ffnskip_weight_backend_ok(w, why, note)) {
                 fctx->reason = why;
+                return;
+            }
+        }
+        // MoE block: the predicated MUL_MAT_ID exists on the CPU backend only
+        // (patches/0004; src[3] carries the gate); the router and the shared
+        // expert go with the block
+        for (const ggml_tensor * w : { layer.ffn_gate_inp, layer.ffn_up_exps, layer.ffn_gate_exps, layer.ffn_down_exps,
+                                       layer.ffn_gate_up_exps, layer.ffn_up_shexp, layer.ffn_gate_shexp,
+                                       layer.ffn_down_shexp, layer.ffn_gate_inp_shexp }) {
+            if (!moe || w == nullptr) {
+                continue;
+            }
+            const bool host = w->buffer != nullptr && (ggml_backend_buffer_is_host(w->buffer) || [&] {
+                ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
+                return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+            }());
+            if (!host) {
+                fctx->reason = "layer " + std::to_string(il) + " is a mixture-of-experts block whose weight " +
+                               ggml_get_name(w) + " is on backend buffer '" +
+                               (w->buffer ? ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)) : "none") +
+                               "', which has no predicated MUL_MAT_ID yet (per model: every layer decodes dense)";
                 return;
             }
         }

@@ -175,7 +175,7 @@ def analyse(args):
 
     # probe-ranked masks (predicted damage < delta), validated
     sig = []
-    for key in ("probe_u", "probe_u+feats"):
+    for key in args.signal_keys:
         P_ = pred[key]
         for r in args.signal_ratios:
             q = float(np.nanquantile(P_[:, 1:], min(1.0, r * L / (L - 1))))
@@ -184,13 +184,32 @@ def analyse(args):
             v = run(f"{key}@{r}", mask)
             sig.append({"signal": key, "target": r, "ratio": v["ratio"], "inc": v["inc"], "additive": additive(mask)})
     res["signal_masks"] = sig
+    # per-layer ranking on a fixed layer set (the gate's shape: a set of
+    # cheap layers, each skipping the fraction f of tokens its signal ranks
+    # most skippable), signals against each other and a random control
+    rng = np.random.default_rng(0)
+    rank_by = {"oracle_D": D, "oracle_KL": K, "probe_u": pred["probe_u"],
+               "cos_prev": -feats["cos_prev"], "random": rng.random((T, L))}
+    rank_by = {k: v for k, v in rank_by.items() if k in args.perlayer_signals}
+    per_layer = []
+    for k in args.perlayer_sizes:
+        S = order[:k]
+        for sname, M in rank_by.items():
+            mask = np.zeros((T, L), bool)
+            for j in S:
+                q = float(np.nanquantile(M[:, j], args.perlayer_f))
+                mask[:, j] = M[:, j] <= q
+            v = run(f"perlayer{S}@{args.perlayer_f}:{sname}", mask)
+            per_layer.append({"layers": S, "f": args.perlayer_f, "signal": sname, "ratio": v["ratio"],
+                              "inc": v["inc"], "additive": additive(mask)})
+    res["per_layer"] = per_layer
     for b in (0.02, 0.05, 0.10):
         res[f"at_{b}"] = {
             "oracle": _interp([(o["ratio"], o["inc"]) for o in oracle], b),
             "oracle_kl": _interp([(o["ratio"], o["inc"]) for o in oracle_kl], b),
             "static": _interp([(o["ratio"], o["inc"]) for o in static], b),
             **{key: _interp([(o["ratio"], o["inc"]) for o in sig if o["signal"] == key], b)
-               for key in ("probe_u", "probe_u+feats")},
+               for key in args.signal_keys},
         }
     (out / "headroom.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k.startswith("at_") or k.startswith("spearman_pooled")},
@@ -214,6 +233,11 @@ def main():
     ap.add_argument("--oracle-ratios", type=float, nargs="*", default=[0.05, 0.1, 0.15, 0.2, 0.3])
     ap.add_argument("--signal-ratios", type=float, nargs="*", default=[0.05, 0.1, 0.15])
     ap.add_argument("--static-max", type=int, default=4)
+    ap.add_argument("--perlayer-sizes", type=int, nargs="*", default=[2, 4, 6])
+    ap.add_argument("--perlayer-f", type=float, default=0.5)
+    ap.add_argument("--signal-keys", nargs="*", default=["probe_u", "probe_u+feats"])
+    ap.add_argument("--perlayer-signals", nargs="*",
+                    default=["oracle_D", "oracle_KL", "probe_u", "cos_prev", "random"])
     args = ap.parse_args()
     if args.cmd == "measure":
         measure(args)

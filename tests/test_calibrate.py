@@ -145,8 +145,8 @@ def test_calibrate_refuses_to_overwrite_its_input(smollm2_path):
 
 
 def test_calibrating_an_unsupported_architecture_is_a_clear_error(smollm2_path, tmp_path):
-    p = copy_gguf(smollm2_path, tmp_path / "model.gguf", rename_arch="smollm3")
-    with pytest.raises(CalibrationError, match="not supported.*smollm3"):
+    p = copy_gguf(smollm2_path, tmp_path / "model.gguf", rename_arch="ernie4_5")
+    with pytest.raises(CalibrationError, match="not supported.*ernie4_5"):
         Calibrator(p, progress=False, n_threads=N_THREADS)
 
 

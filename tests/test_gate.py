@@ -282,15 +282,15 @@ def test_graph_is_reused_while_skipping(smollm2):
 
 
 def test_unsupported_architecture_warns_and_decodes_dense(smollm2_path, tmp_path):
-    p = copy_gguf(smollm2_path, tmp_path / "smollm3.gguf", rename_arch="smollm3")
+    p = copy_gguf(smollm2_path, tmp_path / "ernie4_5.gguf", rename_arch="ernie4_5")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         llm = Llama(str(p), n_ctx=256, verbose=False, ffn_skip=True, ffn_skip_warmup=0)
     msgs = [str(x.message) for x in w if "decoding dense" in str(x.message)]
-    assert len(msgs) == 1 and "smollm3" in msgs[0]
+    assert len(msgs) == 1 and "ernie4_5" in msgs[0]
     llm("The capital of France is", max_tokens=4, temperature=0)
     st = llm.ffn_skip_stats()
-    assert not st.supported and "smollm3" in st.reason
+    assert not st.supported and "ernie4_5" in st.reason
     assert st.skipped == 0
 
 
