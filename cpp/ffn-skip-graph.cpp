@@ -20,6 +20,7 @@
 #include "llama-graph.h"
 #include "llama-batch.h"
 #include "llama-impl.h"
+#include "llama-model.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -292,11 +293,16 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
         ggml_tensor * g = ggml_ffnskip_gate(ctx0, b.inp->inp, b.inp->pol, has_prev ? b.state : nullptr, h, o,
                                             il, 0, obs, f->n_layer);
         ggml_format_name(g, "ffnskip_gate-%d", il);
-        // into the graph now, right after h_j, not where a consumer first pulls
-        // it in: inside an MoE block that moved nodes of the dense graph and
-        // changed the output (qwen3moe, never-fire vs dense: 0.007 in the
-        // logits; with this, bit-identical on every architecture, tests/test_archs.py)
-        ggml_build_forward_expand(gf, g);
+        // MoE layer: into the graph now, right after h_j, not where a consumer
+        // first pulls it in: inside the block that moved nodes of the dense
+        // graph and changed the output (qwen3moe, never-fire vs dense: 0.007 in
+        // the logits; with this, bit-identical, tests/test_archs.py). A dense
+        // FFN keeps the order the backends' tests were verified with (the
+        // gate pulled in by the up matmul, after the FFN norm)
+        const llama_layer & layer = f->model->layers[il];
+        if (layer.ffn_gate_inp != nullptr || layer.ffn_down_exps != nullptr) {
+            ggml_build_forward_expand(gf, g);
+        }
         b.state   = g;
         b.gate_il = g;
     }
