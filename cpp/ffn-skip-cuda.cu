@@ -178,7 +178,7 @@ bool ffnskip_cuda_supports_gate(const ggml_tensor * op) {
             return false;
         }
     }
-    return true;
+    return op->src[5] == nullptr; // the probe signal (issue 14) has no CUDA kernel yet
 }
 
 void ggml_cuda_op_ffnskip_gate(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {

@@ -14,6 +14,8 @@
 //   src[2] prev   F32 [n_tokens, FFNSKIP_STATE_ROWS(L)] previous gate, or NULL
 //   src[3] h      F32 [d, rows]   residual before FFN obs (ffn_inp), or NULL
 //   src[4] o      F32 [d, rows]   residual after FFN obs (l_out), or NULL
+//   src[5] hc     F32 [d, rows']  input of FFN il (its ffn_inp): probe signal only, else NULL
+//   src[6] probe  F32 [d + 1, L]  per-layer probe (w_j, b_j): probe signal only, else NULL
 //   dst    state  F32 [n_tokens, FFNSKIP_STATE_ROWS(L)]
 //   op_params: FFNSKIP_OPP_* (layer, tail flag, observed layer, n_layer)
 //
@@ -74,6 +76,7 @@ enum ffnskip_policy_slot {
     FFNSKIP_POL_MAX_SKIP = 0, // k
     FFNSKIP_POL_MAX_RUNS = 1,
     FFNSKIP_POL_CONTINUE = 2, // 0/1
+    FFNSKIP_POL_SIGNAL   = 3, // enum ffnskip_signal (cpp/ffn-skip.h): 0 cosine c_last, 1 probe
     FFNSKIP_POL_LAYERS   = 4, // then threshold[L], gated[L] (1: middle, not excluded), remove[L]
 };
 #define FFNSKIP_POL_ROWS(L) (FFNSKIP_POL_LAYERS + 3 * (L))
@@ -106,6 +109,17 @@ GGML_API struct ggml_tensor * ggml_ffnskip_gate(
 // MUL_MAT_ID (whose src[2] holds the expert ids; MoE blocks, issue 15).
 static inline const struct ggml_tensor * ffnskip_mul_mat_gate(const struct ggml_tensor * dst) {
     return dst->op == GGML_OP_MUL_MAT ? dst->src[2] : dst->op == GGML_OP_MUL_MAT_ID ? dst->src[3] : NULL;
+}
+
+// Wires the probe signal into a gate node (decides layer il): hc = the input
+// of FFN il, probe = the per-layer probe weights F32 [d + 1, L] (a graph
+// input). Backends whose gate kernel has no probe refuse such a node in
+// supports_op (src[5] != NULL).
+static inline void ffnskip_gate_set_probe(struct ggml_tensor * gate, struct ggml_tensor * hc, struct ggml_tensor * probe) {
+    GGML_ASSERT(gate->op == GGML_OP_FFNSKIP_GATE && hc != NULL && probe != NULL);
+    GGML_ASSERT(hc->type == GGML_TYPE_F32 && probe->type == GGML_TYPE_F32 && probe->ne[0] == hc->ne[0] + 1);
+    gate->src[5] = hc;
+    gate->src[6] = probe;
 }
 
 static inline int ffnskip_mul_mat_is_predicated(const struct ggml_tensor * dst) {
@@ -162,6 +176,33 @@ static inline double ffnskip_cos_f64(const float * x, const float * y, int64_t d
     return xy / (sqrt(xx) * sqrt(yy));
 }
 
+// The probe signal of token t (issue 14, docs/QUALITY.md): s = -(w . hc_r /
+// |hc_r| + b), the negated predicted log damage of skipping this FFN, on row r
+// of hc (all tokens, or the output tokens only on the last layer). NaN when
+// the token has no row, no probe is wired, or the value is not finite.
+static inline float ffnskip_probe_signal(int64_t t, int64_t n, const float * outidx, int64_t hc_rows,
+                                         double (*probe_fn)(int64_t r, void * user), void * user) {
+    if (probe_fn == NULL) {
+        return NAN;
+    }
+    int64_t r = -1;
+    if (hc_rows == n) {
+        r = t;
+    } else {
+        for (int64_t q = 0; q < hc_rows; ++q) {
+            if ((int64_t) outidx[q] == t) {
+                r = q;
+                break;
+            }
+        }
+    }
+    if (r < 0) {
+        return NAN;
+    }
+    const double s = probe_fn(r, user);
+    return isfinite(s) ? (float) s : NAN;
+}
+
 // The gate's semantics (DESIGN.md section 3), one token at a time: the CPU
 // implementation of GGML_OP_FFNSKIP_GATE and the reference of every other
 // backend's kernel (cpp/ffn-skip-gate.comp). dst must not alias the srcs.
@@ -169,7 +210,8 @@ static inline double ffnskip_cos_f64(const float * x, const float * y, int64_t d
 static inline void ffnskip_gate_ref(
         const float * in, const float * pol, const float * prev, float * dst, int64_t n,
         int32_t il, int32_t tail, int32_t obs, int32_t L, int64_t h_rows,
-        double (*cos_fn)(int64_t r, void * user), void * user) {
+        double (*cos_fn)(int64_t r, void * user), void * user,
+        int64_t hc_rows, double (*probe_fn)(int64_t r, void * user)) {
     const float * mode   = in + FFNSKIP_IN_MODE * n;
     const float * outidx = in + FFNSKIP_IN_OUT_IDX * n;
     const int64_t rows   = FFNSKIP_STATE_ROWS(L);
@@ -231,7 +273,9 @@ static inline void ffnskip_gate_ref(
             d = 0.0f; run = 0.0f;
         } else if (run != 0.0f && pol[FFNSKIP_POL_CONTINUE] != 0.0f && budget > 0.0f) {
             d = 1.0f; budget -= 1.0f;
-        } else if (runs < pol[FFNSKIP_POL_MAX_RUNS] && budget > 0.0f && clast > thr) {
+        } else if (runs < pol[FFNSKIP_POL_MAX_RUNS] && budget > 0.0f &&
+                   (pol[FFNSKIP_POL_SIGNAL] == 1.0f ? ffnskip_probe_signal(t, n, outidx, hc_rows, probe_fn, user)
+                                                   : clast) > thr) {
             d = 1.0f; run = 1.0f; runs += 1.0f; budget -= 1.0f;
         } else {
             d = 0.0f; run = 0.0f;
@@ -260,7 +304,24 @@ static inline void ffnskip_gate_ref(
 struct ffnskip_cos_rows {
     const struct ggml_tensor * h;
     const struct ggml_tensor * o;
+    const struct ggml_tensor * hc;    // probe signal: input of FFN il, or NULL
+    const struct ggml_tensor * probe; // probe signal: F32 [d + 1, L], or NULL
+    int32_t il;
 };
+
+// -(w_il . x / |x| + b_il) for row r of hc, accumulated in double
+static inline double ffnskip_probe_rows_f64(int64_t r, void * user) {
+    const struct ffnskip_cos_rows * c = (const struct ffnskip_cos_rows *) user;
+    const int64_t d = c->hc->ne[0];
+    const float * x = (const float *) ((const char *) c->hc->data + r * c->hc->nb[1]);
+    const float * w = (const float *) ((const char *) c->probe->data + (int64_t) c->il * c->probe->nb[1]);
+    double xw = 0.0, xx = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+        xw += (double) x[i] * (double) w[i];
+        xx += (double) x[i] * (double) x[i];
+    }
+    return -(xw / sqrt(xx) + (double) w[d]);
+}
 
 static inline double ffnskip_cos_rows_f64(int64_t r, void * user) {
     const struct ffnskip_cos_rows * c = (const struct ffnskip_cos_rows *) user;
@@ -295,10 +356,19 @@ static inline void ffnskip_gate_forward_cpu(struct ggml_tensor * dst, int ith) {
         GGML_ASSERT(h->ne[0] == o->ne[0] && h->ne[1] == o->ne[1] && h->nb[0] == sizeof(float) && o->nb[0] == sizeof(float));
         GGML_ASSERT(h->ne[1] <= n);
     }
-    struct ffnskip_cos_rows rows = { h, o };
+    const struct ggml_tensor * hc    = dst->src[5];
+    const struct ggml_tensor * probe = dst->src[6];
+    GGML_ASSERT((hc == NULL) == (probe == NULL));
+    if (hc != NULL) {
+        GGML_ASSERT(hc->type == GGML_TYPE_F32 && hc->nb[0] == sizeof(float) && hc->ne[1] <= n);
+        GGML_ASSERT(probe->type == GGML_TYPE_F32 && ggml_is_contiguous(probe));
+        GGML_ASSERT(probe->ne[0] == hc->ne[0] + 1 && probe->ne[1] == L);
+    }
+    struct ffnskip_cos_rows rows = { h, o, hc, probe, il };
     ffnskip_gate_ref((const float *) in->data, (const float *) pol->data,
                      prev ? (const float *) prev->data : NULL, (float *) dst->data, n,
-                     il, tail, obs, L, h ? h->ne[1] : 0, ffnskip_cos_rows_f64, &rows);
+                     il, tail, obs, L, h ? h->ne[1] : 0, ffnskip_cos_rows_f64, &rows,
+                     hc ? hc->ne[1] : 0, hc ? ffnskip_probe_rows_f64 : NULL);
 }
 
 #ifdef __cplusplus

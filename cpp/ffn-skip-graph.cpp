@@ -68,6 +68,7 @@ public:
     const int32_t g_lo, g_hi;     // gate nodes decide layers [g_lo, g_hi); the host counts the others
     ggml_tensor * inp  = nullptr; // F32 [n_tokens, FFNSKIP_INPUT_ROWS]; null without gate nodes
     ggml_tensor * pol  = nullptr; // F32 [FFNSKIP_POL_ROWS(L)]
+    ggml_tensor * probe = nullptr; // F32 [d + 1, L]: the probe signal's weights (FFNSKIP_SIGNAL_PROBE), else null
     ggml_tensor * tail = nullptr; // last gate node: its state holds the trace (graph output)
 
     // host copy of the ubatch being computed (set_input -> ffnskip_ubatch_end)
@@ -149,6 +150,7 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
         pv[FFNSKIP_POL_MAX_SKIP] = (float) p.max_skip;
         pv[FFNSKIP_POL_MAX_RUNS] = (float) p.max_runs;
         pv[FFNSKIP_POL_CONTINUE] = p.continue_run ? 1.0f : 0.0f;
+        pv[FFNSKIP_POL_SIGNAL]   = probe != nullptr ? (float) FFNSKIP_SIGNAL_PROBE : (float) FFNSKIP_SIGNAL_COSINE;
         for (int32_t j = 0; j < L; ++j) {
             const bool middle = j >= p.cold_start && j < L - p.cold_end;
             pv[FFNSKIP_POL_LAYERS + j]         = p.threshold[j];
@@ -157,6 +159,10 @@ void llm_graph_input_ffnskip::set_input(const llama_ubatch * ubatch) {
         }
         GGML_ASSERT(ggml_nelements(pol) == (int64_t) pv.size());
         ggml_backend_tensor_set(pol, pv.data(), 0, pv.size() * sizeof(float));
+    }
+    if (probe != nullptr) {
+        GGML_ASSERT(ggml_nelements(probe) == (int64_t) fctx->probe.size());
+        ggml_backend_tensor_set(probe, fctx->probe.data(), 0, fctx->probe.size() * sizeof(float));
     }
 }
 
@@ -262,6 +268,12 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
                 inp->pol = ggml_new_tensor_1d(ctx0, GGML_TYPE_F32, FFNSKIP_POL_ROWS(f->n_layer));
                 ggml_set_input(inp->pol);
                 ggml_set_name(inp->pol, "ffnskip_policy");
+                if (f->signal == FFNSKIP_SIGNAL_PROBE) {
+                    GGML_ASSERT(f->probe_d > 0 && f->probe.size() == (size_t) (f->probe_d + 1) * f->n_layer);
+                    inp->probe = ggml_new_tensor_2d(ctx0, GGML_TYPE_F32, f->probe_d + 1, f->n_layer);
+                    ggml_set_input(inp->probe);
+                    ggml_set_name(inp->probe, "ffnskip_probe");
+                }
             }
             b.inp = inp.get();
             res->add_input(std::move(inp));
@@ -293,6 +305,11 @@ bool llm_graph_context::ffnskip_ffn_begin(ggml_tensor * ffn_inp, int il) const {
         ggml_tensor * g = ggml_ffnskip_gate(ctx0, b.inp->inp, b.inp->pol, has_prev ? b.state : nullptr, h, o,
                                             il, 0, obs, f->n_layer);
         ggml_format_name(g, "ffnskip_gate-%d", il);
+        if (b.inp->probe != nullptr) {
+            // the probe reads this layer's FFN input (issue 14)
+            GGML_ASSERT(ffn_inp->ne[0] == f->probe_d);
+            ffnskip_gate_set_probe(g, ffn_inp, b.inp->probe);
+        }
         // MoE layer: into the graph now, right after h_j, not where a consumer
         // first pulls it in: inside the block that moved nodes of the dense
         // graph and changed the output (qwen3moe, never-fire vs dense: 0.007 in

@@ -25,6 +25,9 @@ struct ffnskip_context {
     int32_t n_layer = 0;
 
     ffnskip_params params;  // in effect
+    int32_t signal = 0;       // enum ffnskip_signal (ffnskip_set_signal)
+    int32_t probe_d = 0;      // probe signal: width of the FFN input (n_embd)
+    std::vector<float> probe; // probe signal: n_layer x (probe_d + 1), w_j then b_j
     uint64_t topo = 1;      // bumped when a change alters the graph topology (mode, remove[])
 
     bool supported = false; // arch hooked, dense-FFN layers, weights on a backend with the predicated path

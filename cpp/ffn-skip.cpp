@@ -357,6 +357,83 @@ int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char *
     return 0;
 }
 
+static bool ffnskip_on_host(const ggml_tensor * w) {
+    if (w == nullptr) {
+        return true;
+    }
+    if (w->buffer == nullptr) {
+        return false;
+    }
+    if (ggml_backend_buffer_is_host(w->buffer)) {
+        return true;
+    }
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
+    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+}
+
+int32_t ffnskip_set_signal(llama_context * ctx, int32_t signal, const float * weights, int64_t n,
+                           char * err, size_t err_len) {
+    if (ctx == nullptr) {
+        ffnskip_err(err, err_len, "context is NULL");
+        return -1;
+    }
+    ffnskip_context * fctx = ffnskip_get(ctx);
+    const int32_t old = fctx->signal;
+    if (signal == FFNSKIP_SIGNAL_COSINE) {
+        if (weights != nullptr || n != 0) {
+            ffnskip_err(err, err_len, "the cosine signal takes no weights (got %lld)", (long long) n);
+            return -1;
+        }
+        fctx->signal  = FFNSKIP_SIGNAL_COSINE;
+        fctx->probe_d = 0;
+        fctx->probe.clear();
+    } else if (signal == FFNSKIP_SIGNAL_PROBE) {
+        const llama_model & model = *fctx->model;
+        const int64_t d = model.hparams.n_embd;
+        const int64_t L = fctx->n_layer;
+        if (weights == nullptr || n != L * (d + 1)) {
+            ffnskip_err(err, err_len, "the probe signal needs n_layer x (n_embd + 1) = %lld x %lld = %lld weights, got %lld",
+                        (long long) L, (long long) (d + 1), (long long) (L * (d + 1)), (long long) n);
+            return -1;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            if (!std::isfinite(weights[i])) {
+                ffnskip_err(err, err_len, "probe weight %lld (layer %lld) is not finite", (long long) i,
+                            (long long) (i / (d + 1)));
+                return -1;
+            }
+        }
+        for (int32_t il = 0; il < fctx->n_layer; ++il) {
+            const llama_layer & layer = model.layers[il];
+            for (const ggml_tensor * w : { layer.ffn_up, layer.ffn_gate, layer.ffn_down, layer.ffn_gate_inp,
+                                           layer.ffn_up_exps, layer.ffn_gate_exps, layer.ffn_down_exps }) {
+                if (!ffnskip_on_host(w)) {
+                    ffnskip_err(err, err_len, "the probe signal runs on the CPU backend only (issue 14); FFN weight %s "
+                                "is on '%s'", ggml_get_name(w),
+                                w->buffer ? ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)) : "none");
+                    return -1;
+                }
+            }
+        }
+        fctx->signal  = FFNSKIP_SIGNAL_PROBE;
+        fctx->probe_d = (int32_t) d;
+        fctx->probe.assign(weights, weights + n);
+    } else {
+        ffnskip_err(err, err_len, "unknown signal %d (0 cosine, 1 probe)", signal);
+        return -1;
+    }
+    if (old != fctx->signal) {
+        // the probe's graph input and sources: a topology change
+        fctx->topo++;
+        ctx->ffnskip_need_reserve();
+    }
+    return 0;
+}
+
+int32_t ffnskip_get_signal(llama_context * ctx) {
+    return ctx == nullptr ? -1 : ffnskip_get(ctx)->signal;
+}
+
 int32_t ffnskip_get_params(llama_context * ctx, ffnskip_params * p) {
     ffnskip_context * fctx = ffnskip_get(ctx);
     if (fctx == nullptr || p == nullptr) {

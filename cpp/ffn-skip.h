@@ -21,7 +21,7 @@ extern "C" {
 #    define FFNSKIP_API __attribute__((visibility("default")))
 #endif
 
-#define FFNSKIP_API_VERSION 3
+#define FFNSKIP_API_VERSION 4
 
 // Largest model (layers) the fixed-size arrays below describe; a model with
 // more layers decodes dense and reports itself unsupported.
@@ -75,6 +75,22 @@ struct ffnskip_stats {
     uint64_t rejected_tokens;              // decode tokens that were speculative drafts the sampler rejected
                                            // (counted above too; reported by the caller, ffnskip_add_rejected)
 };
+
+// The gate's decision signal (ffnskip_set_signal; issue 14, docs/QUALITY.md).
+enum ffnskip_signal {
+    FFNSKIP_SIGNAL_COSINE = 0, // c_last = cos(h, o) of the last FFN that ran (the paper, section 3): skip when c_last > tau_j
+    FFNSKIP_SIGNAL_PROBE  = 1, // per-layer linear probe on FFN j's own input h_j:
+                               // s_j = -(w_j . h_j / |h_j| + b_j), the negated predicted log damage; skip when s_j > tau_j
+};
+
+// Sets the decision signal of ctx (takes effect at the next llama_decode;
+// changes the graph). PROBE: weights = n_layer x (n_embd + 1) floats, layer
+// by layer w_j (n_embd) then b_j; n their count; COSINE: weights NULL, n 0.
+// The probe runs on the CPU backend only: with FFN weights elsewhere it is
+// refused. Returns 0, or -1 with the reason in err (nothing changed).
+FFNSKIP_API int32_t ffnskip_set_signal(struct llama_context * ctx, int32_t signal, const float * weights, int64_t n,
+                                       char * err, size_t err_len);
+FFNSKIP_API int32_t ffnskip_get_signal(struct llama_context * ctx);
 
 // ABI version of the loaded library (== FFNSKIP_API_VERSION).
 FFNSKIP_API int32_t ffnskip_api_version(void);

@@ -17,7 +17,7 @@ import llama_cpp.llama_cpp as _llama_cpp
 from ._libpath import _lib_filename
 from ._pin import LLAMA_CPP_PYTHON_VERSION
 
-FFNSKIP_API_VERSION = 3
+FFNSKIP_API_VERSION = 4
 FFNSKIP_MAX_LAYERS = 256
 
 FFNSKIP_MODE_OFF = 0
@@ -105,6 +105,9 @@ ffnskip_supported = _fn("ffnskip_supported", [_ctx_p, ctypes.c_char_p, ctypes.c_
 ffnskip_get_stats = _fn("ffnskip_get_stats", [_ctx_p, ctypes.POINTER(ffnskip_stats)], ctypes.c_int32)
 ffnskip_reset_stats = _fn("ffnskip_reset_stats", [_ctx_p], None)
 FFNSKIP_TOKENS_AUTO, FFNSKIP_TOKENS_PROMPT, FFNSKIP_TOKENS_GENERATED = 0, 1, 2  # enum ffnskip_token_kind
+ffnskip_set_signal = _fn("ffnskip_set_signal", [_ctx_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.c_int64,
+                                                ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int32)
+ffnskip_get_signal = _fn("ffnskip_get_signal", [_ctx_p], ctypes.c_int32)
 ffnskip_set_token_kind = _fn("ffnskip_set_token_kind", [_ctx_p, ctypes.c_int32], ctypes.c_int32)
 ffnskip_get_token_kind = _fn("ffnskip_get_token_kind", [_ctx_p], ctypes.c_int32)
 ffnskip_affected_pos = _fn("ffnskip_affected_pos", [_ctx_p], ctypes.c_int64)

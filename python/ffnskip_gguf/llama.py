@@ -55,6 +55,13 @@ class Llama(llama_cpp.Llama):
         ffn_skip_continue: an active run continues without re-checking tau.
         ffn_skip_warmup: sequence positions below this run dense.
         ffn_remove_layers: FFN blocks left out of the graph (static removal).
+        ffn_skip_signal: the gate's decision signal, ``"cosine"`` (c_last, the
+            paper's; default) or ``"probe"`` (a per-layer linear probe on the
+            FFN's input, docs/QUALITY.md; CPU backend only: with FFN weights
+            on a GPU the model decodes dense with a warning). Usually from a
+            calibrated file.
+        ffn_skip_probe: the probe's weights, n_layer x (n_embd + 1) floats
+            (w_j then b_j per layer); usually from a calibrated file.
         *args, **kwargs: passed to ``llama_cpp.Llama``.
 
     Raises:
@@ -79,6 +86,8 @@ class Llama(llama_cpp.Llama):
         ffn_skip_continue: bool | None = None,
         ffn_skip_warmup: int | None = None,
         ffn_remove_layers: list[int] | None = None,
+        ffn_skip_signal: str | None = None,
+        ffn_skip_probe: list[float] | None = None,
         **kwargs: Any,
     ) -> None:
         unknown = [k for k in kwargs if k.startswith(("ffn_skip", "ffn_remove"))]
@@ -114,7 +123,7 @@ class Llama(llama_cpp.Llama):
             ffn_skip_cold_end=ffn_skip_cold_end, ffn_skip_exclude=ffn_skip_exclude,
             ffn_skip_max_skip=ffn_skip_max_skip, ffn_skip_max_runs=ffn_skip_max_runs,
             ffn_skip_continue=ffn_skip_continue, ffn_skip_warmup=ffn_skip_warmup,
-            ffn_remove_layers=ffn_remove_layers,
+            ffn_remove_layers=ffn_remove_layers, ffn_skip_signal=ffn_skip_signal, ffn_skip_probe=ffn_skip_probe,
         )
         # validate before the (slow) native load
         self._ffn_settings = self._resolve(ffn_skip, n_layer, {k: v for k, v in args_given.items() if v is not None})
@@ -159,6 +168,20 @@ class Llama(llama_cpp.Llama):
         err = ctypes.create_string_buffer(512)
         if _lib.ffnskip_set_params(self._ffn_ctx, ctypes.byref(p), err, len(err)) != 0:
             raise ValueError(f"invalid FFN-skip settings: {err.value.decode()}")
+        try:
+            policy.apply_signal(self._ffn_ctx, s)
+        except ValueError as e:
+            if "CPU backend only" not in str(e) or not s.enabled:
+                raise
+            # the probe has no GPU kernel yet: dense, with the reason (issue 14)
+            p.mode = _lib.FFNSKIP_MODE_OFF
+            _lib.ffnskip_set_params(self._ffn_ctx, ctypes.byref(p), err, len(err))
+            policy.apply_signal(self._ffn_ctx, policy.FfnSkipSettings(**{**s.__dict__, "signal": "cosine",
+                                                                         "probe": None}))
+            if "probe-backend" not in self._ffn_warned:
+                self._ffn_warned.add("probe-backend")
+                warnings.warn(f"FFN skipping is off, decoding dense: {e}", FfnSkipUnsupportedWarning, stacklevel=3)
+            return
         if s.enabled:
             reason = ctypes.create_string_buffer(512)
             if not _lib.ffnskip_supported(self._ffn_ctx, reason, len(reason)) and "unsupported" not in self._ffn_warned:
@@ -365,7 +388,14 @@ class Llama(llama_cpp.Llama):
             return b"off"
         if s.mode == "static":
             return b"static:" + ",".join(str(j) for j in sorted(s.remove_layers)).encode()
-        return bytes(policy.to_c(s))
+        key = bytes(policy.to_c(s))
+        if s.signal == "probe" and s.probe is not None:
+            import hashlib
+
+            import numpy as np
+
+            key += b"probe:" + hashlib.sha256(np.asarray(s.probe, dtype=np.float32).tobytes()).digest()
+        return key
 
     def _ffn_removes(self) -> bool:
         """Static removal in effect: it changes every token, prompt included."""

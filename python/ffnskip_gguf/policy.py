@@ -30,9 +30,18 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "ffn_skip_continue": ("ffn_skip.continue_run", "continue_run"),
     "ffn_skip_warmup": ("ffn_skip.warmup", "warmup"),
     "ffn_remove_layers": ("ffn_skip.remove_layers", "remove"),
+    # the decision signal (issue 14; ffnskip_set_signal in cpp/ffn-skip.h)
+    "ffn_skip_signal": ("ffn_skip.signal", "signal"),
+    "ffn_skip_probe": ("ffn_skip.probe", "probe"),
 }
+SIGNALS = {"cosine": 0, "probe": 1}  # enum ffnskip_signal
 GGUF_KEY_VERSION = "ffn_skip.version"
-GGUF_VERSION = 1  # layout of the ffn_skip.* keys this library reads (calibrate writes it)
+# layouts of the ffn_skip.* keys: 1 = the cosine gate; 2 = adds ffn_skip.signal
+# and ffn_skip.probe (a file that needs the probe carries 2, so a reader of
+# version 1 refuses it instead of running the cosine gate with probe thresholds)
+GGUF_VERSION = 1        # what calibrate writes for the cosine gate / static removal
+GGUF_VERSION_PROBE = 2  # what calibrate writes when it chose the probe signal
+GGUF_VERSIONS_READ = (1, 2)
 _F32_MAX = 3.4028234663852886e38
 MODES = {"off": _lib.FFNSKIP_MODE_OFF, "adaptive": _lib.FFNSKIP_MODE_ADAPTIVE, "static": _lib.FFNSKIP_MODE_STATIC}
 
@@ -57,6 +66,7 @@ def defaults(n_layer: int) -> dict[str, Any]:
         "ffn_skip_continue": bool(p.continue_run),
         "ffn_skip_warmup": int(p.warmup),
         "ffn_remove_layers": [],
+        "ffn_skip_signal": "cosine",
     }
 
 
@@ -151,6 +161,25 @@ def validate(name: str, value: Any, n_layer: int) -> Any:
                 raise ValueError(f"{name}: layer {x} outside [0, {n_layer})")
             out.append(int(x))
         return sorted(set(out))
+    if name == "ffn_skip_signal":
+        if not isinstance(value, str) or value not in SIGNALS:
+            raise ValueError(f"{name} must be one of {', '.join(SIGNALS)}, got {value!r}")
+        return value
+    if name == "ffn_skip_probe":
+        # n_layer x (n_embd + 1) float32: w_j then b_j per layer; the library
+        # checks n_embd (ffnskip_set_signal)
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise ValueError(f"{name} must be a list of n_layer x (n_embd + 1) floats, got {type(value).__name__}")
+        try:
+            vals = [float(x) for x in value]
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name} must hold floats") from None
+        if len(vals) < 2 * n_layer or len(vals) % n_layer:
+            raise ValueError(f"{name} has {len(vals)} values: not n_layer ({n_layer}) x (n_embd + 1)")
+        bad = [i for i, x in enumerate(vals) if not math.isfinite(x) or abs(x) > _F32_MAX]
+        if bad:
+            raise ValueError(f"{name}[{bad[0]}] must be a finite float32, got {vals[bad[0]]}")
+        return vals
     if name == "ffn_skip_continue":
         try:
             import numpy as np
@@ -190,9 +219,9 @@ def read_file_settings(values: Mapping[str, Any], n_layer: int) -> dict[str, Any
     if gv is not None:
         if gv.type not in ints:
             raise MetadataError(f"GGUF key {GGUF_KEY_VERSION} has type {gv.type.name}, expected an integer")
-        if gv.value != GGUF_VERSION:
-            raise MetadataError(f"GGUF key {GGUF_KEY_VERSION} = {gv.value}: this library reads version "
-                                f"{GGUF_VERSION} (written by another ffnskip-gguf version?)")
+        if gv.value not in GGUF_VERSIONS_READ:
+            raise MetadataError(f"GGUF key {GGUF_KEY_VERSION} = {gv.value}: this library reads versions "
+                                f"{', '.join(map(str, GGUF_VERSIONS_READ))} (written by another ffnskip-gguf version?)")
     for kw, (key, _) in KEYWORDS.items():
         gv = values.get(key)
         if gv is None:
@@ -204,6 +233,10 @@ def read_file_settings(values: Mapping[str, Any], n_layer: int) -> dict[str, Any
             ok = t == GGUFValueType.ARRAY and at in ints
         elif kw == "ffn_skip_continue":
             ok = t == GGUFValueType.BOOL
+        elif kw == "ffn_skip_signal":
+            ok = t == GGUFValueType.STRING
+        elif kw == "ffn_skip_probe":
+            ok = t == GGUFValueType.ARRAY and at in floats
         else:
             ok = t in ints
         if not ok:
@@ -213,6 +246,12 @@ def read_file_settings(values: Mapping[str, Any], n_layer: int) -> dict[str, Any
             out[kw] = validate(kw, v, n_layer)
         except ValueError as e:
             raise MetadataError(f"GGUF key {key}: {e}") from None
+    if out.get("ffn_skip_signal") == "probe":
+        v = values.get(GGUF_KEY_VERSION)
+        if v is None or v.value < GGUF_VERSION_PROBE:
+            raise MetadataError(f"GGUF key ffn_skip.signal = 'probe' needs {GGUF_KEY_VERSION} = {GGUF_VERSION_PROBE}")
+        if "ffn_skip_probe" not in out:
+            raise MetadataError("GGUF key ffn_skip.signal = 'probe' without ffn_skip.probe (the probe weights)")
     cs = out.get("ffn_skip_cold_start")
     ce = out.get("ffn_skip_cold_end")
     if cs is not None and ce is not None and cs + ce > n_layer:
@@ -242,17 +281,20 @@ def read_override_settings(kv_overrides: Mapping[str, Any] | None, n_layer: int)
         if key == GGUF_KEY_VERSION:
             if not _is_int(v):
                 raise ValueError(f"{where} = {v!r}: expected an integer")
-            if v != GGUF_VERSION:
-                raise MetadataError(f"{where} = {v}: this library reads version {GGUF_VERSION}")
+            if v not in GGUF_VERSIONS_READ:
+                raise MetadataError(f"{where} = {v}: this library reads versions "
+                                    f"{', '.join(map(str, GGUF_VERSIONS_READ))}")
             continue
         kw = by_key.get(key)
         if kw is None:
             raise ValueError(f"{where}: unknown FFN-skip key (known: {', '.join(sorted(by_key))}, {GGUF_KEY_VERSION})")
-        if kw in ("ffn_skip_exclude", "ffn_remove_layers"):
+        if kw in ("ffn_skip_exclude", "ffn_remove_layers", "ffn_skip_probe"):
             raise ValueError(f"{where}: {key} is a per-layer array, and kv_overrides carries only bool, int, "
                              f"float and str values; pass {kw}=[...] to Llama instead")
         if kw == "ffn_skip_continue":
             ok = isinstance(v, bool)
+        elif kw == "ffn_skip_signal":
+            ok = isinstance(v, str)
         elif kw == "ffn_skip_threshold":
             ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
         else:
@@ -287,6 +329,8 @@ class FfnSkipSettings:
     continue_run: bool
     warmup: int
     remove_layers: list[int]
+    signal: str = "cosine"             # ffn_skip_signal: "cosine" (c_last, the paper) or "probe"
+    probe: list[float] | None = None   # ffn_skip_probe: n_layer x (n_embd + 1) weights of the probe
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -317,8 +361,12 @@ def resolve(mode: str, n_layer: int, file_settings: Mapping[str, Any], arguments
             f"ffn_skip_cold_start={cs} + ffn_skip_cold_end={ce} exceed the model's {n_layer} layers "
             f"(cold regions overlap){src}"
         )
+    if merged["ffn_skip_signal"] == "probe" and merged.get("ffn_skip_probe") is None:
+        raise ValueError("ffn_skip_signal='probe' needs ffn_skip_probe (the per-layer probe weights a calibrated "
+                         "file carries)")
     return FfnSkipSettings(
-        mode=mode, n_layer=n_layer,
+        mode=mode, n_layer=n_layer, signal=merged["ffn_skip_signal"],
+        probe=merged.get("ffn_skip_probe") if merged["ffn_skip_signal"] == "probe" else None,
         threshold=merged["ffn_skip_threshold"], cold_start=cs, cold_end=ce,
         exclude=merged["ffn_skip_exclude"], max_skip=merged["ffn_skip_max_skip"],
         max_runs=merged["ffn_skip_max_runs"], continue_run=merged["ffn_skip_continue"],
@@ -350,3 +398,22 @@ def to_c(s: FfnSkipSettings) -> "_lib.ffnskip_params":
     for j in s.remove_layers:
         p.remove[j] = 1
     return p
+
+
+def apply_signal(ctx, s: FfnSkipSettings) -> None:
+    """Set the decision signal of settings ``s`` on a llama_context
+    (``ffnskip_set_signal``). Raises ValueError with the library's reason
+    (wrong probe size for this model, probe with FFN weights off the CPU)."""
+    import ctypes
+
+    import numpy as np
+
+    err = ctypes.create_string_buffer(512)
+    if s.signal == "probe" and s.probe is not None:
+        w = np.ascontiguousarray(s.probe, dtype=np.float32)
+        rc = _lib.ffnskip_set_signal(ctx, SIGNALS["probe"], w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                     len(w), err, len(err))
+    else:
+        rc = _lib.ffnskip_set_signal(ctx, SIGNALS["cosine"], None, 0, err, len(err))
+    if rc != 0:
+        raise ValueError(f"ffn_skip_signal={s.signal!r}: {err.value.decode()}")

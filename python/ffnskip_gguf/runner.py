@@ -166,6 +166,7 @@ class Runner:
         err = ctypes.create_string_buffer(256)
         if _lib.ffnskip_set_params(self.ctx, ctypes.byref(p), err, 256) != 0:
             raise ValueError(err.value.decode())
+        policy.apply_signal(self.ctx, s)
 
     def reset_stats(self) -> None:
         self._check()
