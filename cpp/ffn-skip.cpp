@@ -235,6 +235,21 @@ int32_t ffnskip_backend_verdict(const char * reg_name, const char * buft_name, c
     return 0;
 }
 
+// weights in host memory or on the CPU device: the CPU backend computes them
+static bool ffnskip_on_host(const ggml_tensor * w) {
+    if (w == nullptr) {
+        return true;
+    }
+    if (w->buffer == nullptr) {
+        return false;
+    }
+    if (ggml_backend_buffer_is_host(w->buffer)) {
+        return true;
+    }
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
+    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+}
+
 static void ffnskip_check_supported(ffnskip_context * fctx) {
     const llama_model & model = *fctx->model;
     fctx->supported = false;
@@ -273,11 +288,7 @@ static void ffnskip_check_supported(ffnskip_context * fctx) {
             if (!moe || w == nullptr) {
                 continue;
             }
-            const bool host = w->buffer != nullptr && (ggml_backend_buffer_is_host(w->buffer) || [&] {
-                ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
-                return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
-            }());
-            if (!host) {
+            if (!ffnskip_on_host(w)) {
                 fctx->reason = "layer " + std::to_string(il) + " is a mixture-of-experts block whose weight " +
                                ggml_get_name(w) + " is on backend buffer '" +
                                (w->buffer ? ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)) : "none") +
@@ -357,19 +368,6 @@ int32_t ffnskip_set_params(llama_context * ctx, const ffnskip_params * p, char *
     return 0;
 }
 
-static bool ffnskip_on_host(const ggml_tensor * w) {
-    if (w == nullptr) {
-        return true;
-    }
-    if (w->buffer == nullptr) {
-        return false;
-    }
-    if (ggml_backend_buffer_is_host(w->buffer)) {
-        return true;
-    }
-    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
-    return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
-}
 
 int32_t ffnskip_set_signal(llama_context * ctx, int32_t signal, const float * weights, int64_t n,
                            char * err, size_t err_len) {

@@ -58,7 +58,8 @@ def test_calibrated_file_keeps_every_original_key(calibrated, smollm2_path):
 def test_calibrated_file_carries_settings_and_provenance(calibrated):
     res, out, _ = calibrated
     f = _fields(out)
-    assert f["ffn_skip.version"] == 1
+    # layout 2 only when the file needs the probe signal (older readers refuse it)
+    assert f["ffn_skip.version"] == (2 if res.placement == "probe" else 1)
     assert f["ffn_skip.calibration.mode"] == "target_skip"
     assert f["ffn_skip.calibration.target"] == pytest.approx(TARGET)
     assert f["ffn_skip.calibration.skip_ratio"] == pytest.approx(res.held_out.skip_ratio, rel=1e-6)
@@ -79,11 +80,26 @@ def test_calibrated_file_carries_settings_and_provenance(calibrated):
 
 def test_target_skip_is_reached_on_held_out_text(calibrated):
     res, _, _ = calibrated
-    assert res.placement in ("fixed", "adaptive", "static")
+    assert res.placement in ("fixed", "adaptive", "probe", "static")
     # fixed placements skip exactly round(target L) FFNs per decode token;
     # adaptive ones are calibrated on other text: within 40% of the target
     assert abs(res.held_out.skip_ratio - TARGET) <= 0.4 * TARGET
     assert res.tokens["held_out"] >= 512 and math.isfinite(res.held_out.ppl_increase)
+
+
+def test_calibration_measures_the_probe_signal_and_says_why_it_chose(calibrated):
+    res, _, rep = calibrated
+    probes = [t for t in res.trials if t.placement == "probe"]
+    adaptive = [t for t in res.trials if t.placement == "adaptive"]
+    # the probe runs on the same layer sets and fractions as the cosine gate
+    assert probes and sorted((t.layers, t.fraction) for t in probes) == sorted((t.layers, t.fraction)
+                                                                              for t in adaptive)
+    assert all(t.settings["ffn_skip_signal"] == "probe" for t in probes)
+    why = [n for n in res.notes if n.startswith("chosen: ")]
+    assert len(why) == 1 and res.held_out.name in why[0] and "probe" in why[0]
+    # the JSON report summarises the weights instead of listing them
+    text = (rep / "calibration.json").read_text()
+    assert "floats>" in text and len(text) < 2_000_000
 
 
 def test_calibrated_values_are_in_effect_when_loaded(calibrated):
@@ -182,7 +198,7 @@ U, I, F, B, S, A = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLO
     ("ffn_skip.exclude", ([1.0, 2.0], A, F), "ffn_skip.exclude has type array of FLOAT32"),
     ("ffn_skip.exclude", ([40], A, I), "ffn_skip.exclude: layer 40 outside"),
     ("ffn_skip.remove_layers", (3, I, None), "ffn_skip.remove_layers has type INT32"),
-    ("ffn_skip.version", (2, U, None), "ffn_skip.version = 2"),
+    ("ffn_skip.version", (3, U, None), "ffn_skip.version = 3"),
     ("ffn_skip.version", ("1", S, None), "ffn_skip.version has type STRING"),
 ])
 def test_corrupted_calibration_keys_name_the_key(calibrated, tmp_path, key, value, match):

@@ -52,7 +52,7 @@ def test_other_overrides_are_llama_cpps(smollm2_path):
     ({"ffn_skip.exclude": 3}, ValueError, "per-layer array"),
     ({"ffn_skip.remove_layers": 3}, ValueError, "pass ffn_remove_layers"),
     ({"ffn_skip.maxskip": 1}, ValueError, "unknown FFN-skip key"),
-    ({"ffn_skip.version": 99}, MetadataError, "reads version 1"),
+    ({"ffn_skip.version": 99}, MetadataError, "reads versions 1, 2"),
 ])
 def test_bad_overrides_are_refused_before_loading(smollm2_path, overrides, error, match):
     with pytest.raises(error, match=match):

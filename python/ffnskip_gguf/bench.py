@@ -104,6 +104,60 @@ def gate_kwargs(n_layer: int, target: float, threshold: float = 0.95) -> dict:
                 ffn_skip_max_skip=k, ffn_skip_max_runs=1, ffn_skip_continue=True, ffn_skip_warmup=0)
 
 
+def _alternate(r: Runner, configs: list[Config], tokens, repeats: int, n_prompt: int, n_decode: int,
+               progress: bool):
+    """Decode every config once per repeat, in order (the first is the
+    reference: dense). Returns per-config decode seconds, ratios to the
+    reference of the same repeat, and skip ratios."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=repeats * len(configs), desc="bench", unit="run", leave=False)
+    times: dict[str, list[float]] = {c.name: [] for c in configs}
+    ratios: dict[str, list[float]] = {c.name: [] for c in configs}
+    skip: dict[str, float] = {}
+    for rep in range(repeats):
+        ref_s = None
+        for c in configs:
+            r.set_policy(**c.kwargs)
+            _decode_run(r, tokens, n_prompt, min(4, n_decode))  # graph built, caches warm
+            r.reset_stats()
+            dt = _decode_run(r, tokens, n_prompt, n_decode)
+            skip[c.name] = r.stats().skip_ratio
+            times[c.name].append(dt)
+            if ref_s is None:
+                ref_s = dt
+            ratios[c.name].append(ref_s / dt)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return times, ratios, skip
+
+
+def compare(path: str | Path, configs: list[tuple[str, dict]], *, repeats: int = 7, n_prompt: int = 64,
+            n_decode: int = 64, n_threads: int | None = None, progress: bool = True) -> list[dict]:
+    """Decode speed of named settings against the first one (usually dense),
+    alternated in one process (DESIGN.md section 6). ``configs``: (name,
+    Runner.set_policy keywords). Returns per config: tok/s (median), the
+    median ratio to the first config and every repeat's ratio (the spread),
+    and the skip ratio."""
+    if repeats < 1 or not configs:
+        raise ValueError("need at least one repeat and one configuration")
+    check_model_file(path, prefixes=())
+    r = Runner(str(path), n_ctx=max(1024, n_prompt + n_decode + 8), n_threads=n_threads)
+    try:
+        tokens = _text_tokens(r, n_prompt + n_decode)
+        cs = [Config(name, "dense" if i == 0 else "gate", kw) for i, (name, kw) in enumerate(configs)]
+        times, ratios, skip = _alternate(r, cs, tokens, repeats, n_prompt, n_decode, progress)
+    finally:
+        r.close()
+    return [{"name": c.name, "tok_s": n_decode / statistics.median(times[c.name]),
+             "ratio": statistics.median(ratios[c.name]), "ratios": [round(x, 4) for x in ratios[c.name]],
+             "skip_ratio": skip[c.name]} for c in cs]
+
+
 def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5, n_prompt: int = 64,
               n_decode: int = 64, n_prefill: int = 256, n_threads: int | None = None,
               progress: bool = True, threshold: float = 0.95, n_gpu_layers: int | None = None) -> dict:
@@ -146,30 +200,7 @@ def run_bench(path: str | Path, *, targets=(0.10, 0.25, 0.50), repeats: int = 5,
         configs.append(Config(f"static {n_removed} FFNs", "static",
                               dict(ffn_skip="static", ffn_remove_layers=removed), tgt))
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=repeats * len(configs), desc="bench", unit="run", leave=False)
-    times: dict[str, list[float]] = {c.name: [] for c in configs}
-    ratios: dict[str, list[float]] = {c.name: [] for c in configs}
-    skip: dict[str, float] = {}
-    for rep in range(repeats):
-        dense_s = None
-        for c in configs:
-            r.set_policy(**c.kwargs)
-            _decode_run(r, tokens, n_prompt, min(4, n_decode))  # graph built, caches warm
-            r.reset_stats()
-            dt = _decode_run(r, tokens, n_prompt, n_decode)
-            skip[c.name] = r.stats().skip_ratio
-            times[c.name].append(dt)
-            if c.kind == "dense":
-                dense_s = dt
-            ratios[c.name].append(dense_s / dt)
-            if bar:
-                bar.update(1)
-    if bar:
-        bar.close()
+    times, ratios, skip = _alternate(r, configs, tokens, repeats, n_prompt, n_decode, progress)
 
     rows = []
     by_name = {}

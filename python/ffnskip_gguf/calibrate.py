@@ -146,7 +146,7 @@ class CalibrationResult:
     n_layer: int
     mode: str                 # quality_budget | target_skip
     target: float
-    placement: str            # fixed | adaptive | static | none
+    placement: str            # fixed | adaptive | probe | static | none
     settings: dict            # Llama keywords
     held_out: Trial
     comparisons: list[Trial]  # held-out: other placements, paper recipe
@@ -163,8 +163,17 @@ class CalibrationResult:
     paper_within_budget: float | None = None  # budget mode: the paper recipe's largest held-out skip ratio within it
 
     def to_json(self) -> dict:
-        """The result as JSON-ready dicts and lists (``calibration.json``)."""
-        return asdict(self)
+        """The result as JSON-ready dicts and lists (``calibration.json``);
+        probe weights are summarised (their count), they live in the GGUF."""
+        def strip(x):
+            if isinstance(x, dict):
+                return {k: (f"<{len(v)} floats>" if k == "ffn_skip_probe" and isinstance(v, list) else strip(v))
+                        for k, v in x.items()}
+            if isinstance(x, list):
+                return [strip(v) for v in x]
+            return x
+
+        return strip(asdict(self))
 
     def gguf_kv(self) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:
         """The ``ffn_skip.*`` keys to store (DESIGN.md sections 4, 5); empty
@@ -172,11 +181,13 @@ class CalibrationResult:
         s = self.settings
         U, I, F, B, S, A = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32,
                             GGUFValueType.BOOL, GGUFValueType.STRING, GGUFValueType.ARRAY)
+        probe = s.get("ffn_skip_signal") == "probe"
         kv: dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]] = {
-            policy.GGUF_KEY_VERSION: (policy.GGUF_VERSION, U, None),
+            # a file that needs the probe carries layout 2: older readers refuse it
+            policy.GGUF_KEY_VERSION: (policy.GGUF_VERSION_PROBE if probe else policy.GGUF_VERSION, U, None),
         }
         types = {"ffn_skip_cold_start": U, "ffn_skip_cold_end": U, "ffn_skip_max_skip": U,
-                 "ffn_skip_max_runs": U, "ffn_skip_warmup": U, "ffn_skip_continue": B}
+                 "ffn_skip_max_runs": U, "ffn_skip_warmup": U, "ffn_skip_continue": B, "ffn_skip_signal": S}
         for kw, (key, _) in policy.KEYWORDS.items():
             if kw not in s:
                 continue
@@ -186,6 +197,8 @@ class CalibrationResult:
             elif kw in ("ffn_skip_exclude", "ffn_remove_layers"):
                 if v:
                     kv[key] = ([int(x) for x in v], A, I)
+            elif kw == "ffn_skip_probe":
+                kv[key] = ([float(x) for x in v], A, F)
             else:
                 kv[key] = (v, types[kw], None)
         h = self.held_out
@@ -224,7 +237,7 @@ class Calibrator:
 
     def __init__(self, path, *, corpus: list[str] | None = None, tokens: int = 3072, held_out_tokens: int = 2048,
                  sens_tokens: int = 32, chunk: int = 224, prefill: int = WARMUP, n_seq: int = 16, width: int = 2,
-                 n_threads: int | None = None, progress: bool = True):
+                 n_threads: int | None = None, progress: bool = True, probe: bool = True, probe_positions: int = 48):
         if tokens < 16 or held_out_tokens < 16:
             raise CalibrationError("tokens and held_out_tokens must be at least 16")
         if width < 1:
@@ -235,6 +248,7 @@ class Calibrator:
         self.path = str(self.info.path)
         self.progress = progress
         self.width = width
+        self.probe, self.probe_positions, self.n_threads = probe, probe_positions, n_threads
         self.corpus = corpus if corpus is not None else default_calibration_corpus()
         self.ev = Evaluator(self.path, corpus=[], chunk=chunk, prefill=prefill, n_seq=n_seq,
                             n_threads=n_threads, progress=progress)
@@ -378,6 +392,43 @@ class Calibrator:
                 clast = cos[:, j].astype(np.float64)
         return taus
 
+    def fit_probe(self, layers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Fit the probe signal of ``layers`` (docs/QUALITY.md, "Headroom").
+
+        Measures, on the first ``probe_positions`` decode positions of
+        ``n_seq`` search chunks, KL(p_dense || p_skip) of skipping each layer
+        of ``layers`` for one token alone (``headroom.CellMeter``), and fits
+        per layer a ridge regression (closed form, penalty by 4-fold
+        cross-validation on Spearman) of log KL on u_j = h_j / |h_j|.
+
+        Returns (w, scores): w float32 [L, n_embd + 1] (w_j then b_j; zeros
+        for other layers), the probe's weights as ``ffn_skip_probe`` takes
+        them; scores float64 [T, L], s_j = -(w_j . u_j + b_j) of the training
+        tokens (the thresholds are quantiles of it).
+        """
+        from .headroom import CellMeter, ridge_cv
+
+        n = self.P + 1 + self.probe_positions
+        chunks = [c[:n] for c in self.search if len(c) >= n][: self.ev.n_seq]
+        if not chunks:
+            raise CalibrationError(f"no search chunk of {n} tokens to fit the probe")
+        self._log(f"probe: {len(chunks) * self.probe_positions} tokens x layers {layers}")
+        m = CellMeter(self.path, self.info.architecture, n_seq=self.ev.n_seq, prefill=self.P, chunk=n,
+                      n_threads=self.n_threads)
+        try:
+            cells = m.measure(chunks, keep_hidden=True, progress=self.progress, layers=layers)
+        finally:
+            m.close()
+        d = cells.U.shape[2]
+        w = np.zeros((self.L, d + 1), np.float32)
+        scores = np.full((len(cells.nll), self.L), np.nan)
+        for j in layers:
+            X = cells.U[:, j].astype(np.float64)
+            wj, bj, _ = ridge_cv(X, np.log(np.maximum(cells.K[:, j].astype(np.float64), 1e-9)))
+            w[j, :d], w[j, d] = wj, bj
+            scores[:, j] = -(X @ wj + bj)
+        return w, scores
+
     # -- the search ----------------------------------------------------------
 
     def run(self, *, quality_budget: float | None = DEFAULT_BUDGET, target_skip: float | None = None,
@@ -481,6 +532,17 @@ class Calibrator:
                 continue
             s = self.gate_settings(Sm, self.adaptive_taus(Sm, f))
             pool.append(self._measure(f"adaptive {Sm} f={f:.3f}", "adaptive", Sm, f, s, "search"))
+        # the probe signal (issue 14) on the same sets and fractions
+        probe_sets = [(Sm, f) for Sm, f in variants if 0.0 < f < 1.0 - 1e-9 and Sm]
+        if self.probe and probe_sets:
+            t1 = time.perf_counter()
+            w, scores = self.fit_probe(sorted({j for Sm, _ in probe_sets for j in Sm}))
+            secs["probe_fit"] = time.perf_counter() - t1
+            for Sm, f in probe_sets:
+                taus = {j: float(np.nanquantile(scores[:, j], 1.0 - f)) for j in Sm}
+                s = self.gate_settings(Sm, taus)
+                s.update({"ffn_skip_signal": "probe", "ffn_skip_probe": [float(x) for x in w.ravel()]})
+                pool.append(self._measure(f"probe {Sm} f={f:.3f}", "probe", Sm, f, s, "search"))
         if fixed_n is not None and fixed_n.layers:
             s = {"ffn_remove_layers": list(fixed_n.layers)}
             pool.append(self._measure(f"static {fixed_n.layers}", "static", fixed_n.layers, 1.0, s, "search"))
@@ -520,6 +582,14 @@ class Calibrator:
             checked += 1
             if checked > backoff:
                 break
+        if chosen is not None:
+            notes.append(
+                f"chosen: {chosen.name} ({chosen.placement}): "
+                + ("the largest skip ratio within the budget on the search split (then the lowest increase), "
+                   "confirmed on held-out text" if mode == "quality_budget" else
+                   "the lowest increase near the target skip ratio on the search split")
+                + "; search-split candidates: "
+                + "; ".join(f"{t.name}: skip {t.skip_ratio:.3f}, {t.ppl_increase:+.2%}" for t in pool))
         if chosen is None:
             notes.append("no setting within the budget on held-out text: 0% (max_skip = 0, dense)")
             settings = {"ffn_skip_max_skip": 0, "ffn_skip_warmup": WARMUP}
@@ -650,7 +720,8 @@ def format_summary(result: CalibrationResult) -> str:
 
 def calibrate(model, out, *, quality_budget: float | None = None, target_skip: float | None = None,
               corpus_files: list | None = None, tokens: int = 3072, held_out_tokens: int = 2048,
-              report_dir=None, progress: bool = True, n_threads: int | None = None) -> CalibrationResult:
+              report_dir=None, progress: bool = True, n_threads: int | None = None,
+              probe: bool = True) -> CalibrationResult:
     """Calibrate ``model`` and write ``out`` (the CLI's ``calibrate``).
 
     Raises CalibrationError, ModelFileError, ValueError (out == model), OSError.
@@ -685,7 +756,7 @@ def calibrate(model, out, *, quality_budget: float | None = None, target_skip: f
                 raise CalibrationError(f"corpus file {p} does not exist or is not a file")
             corpus.append(p.read_text(encoding="utf-8", errors="replace"))
     cal = Calibrator(src, corpus=corpus, tokens=tokens, held_out_tokens=held_out_tokens, progress=progress,
-                     n_threads=n_threads)
+                     n_threads=n_threads, probe=probe)
     try:
         t0 = time.perf_counter()
         res = cal.run(quality_budget=quality_budget, target_skip=target_skip)

@@ -221,7 +221,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     path = resolve_model(a.model)
     res = calibrate(path, a.output, quality_budget=a.quality_budget, target_skip=a.target_skip,
                     corpus_files=a.corpus, tokens=a.tokens, held_out_tokens=a.held_out_tokens,
-                    report_dir=a.report, progress=not a.quiet, n_threads=a.threads)
+                    report_dir=a.report, progress=not a.quiet, n_threads=a.threads, probe=not a.no_probe)
     print(format_summary(res))
     print(f"written: {a.output}" + (f"; report: {a.report}/calibration.json, calibration.png" if a.report else ""))
     return 0
@@ -240,6 +240,8 @@ def _register_calibrate(sub) -> None:
     c.add_argument("--held-out-tokens", type=int, default=2048, help="scored held-out tokens (default 2048)")
     c.add_argument("--report", help="directory for calibration.json and calibration.png")
     c.add_argument("--threads", type=int)
+    c.add_argument("--no-probe", action="store_true",
+                   help="do not try the probe signal (CPU only; docs/CALIBRATION.md): cosine gate and static only")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(func=cmd_calibrate)
 

@@ -83,6 +83,12 @@ SIGNALS = (
 )
 
 
+#: eval-callback name of the tensor each builder gives ffnskip_ffn_begin (h_j,
+#: the FFN's input; patches/0003), where it is not "ffn_inp"
+FFN_INPUT_NAME = {"gemma2": "sa_out", "gemma3": "sa_out", "gemma4": "attn_out", "qwen35": "attn_residual",
+                  "qwen35moe": "attn_residual"}
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = np.einsum("ij,ij->i", a, b)
     return num / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -121,7 +127,7 @@ class CellMeter:
 
     def __init__(self, path: str, arch: str, *, n_seq: int = 16, prefill: int = 32, chunk: int = 96,
                  n_threads: int | None = None):
-        self.h_name = "sa_out" if arch == "gemma3" else "ffn_inp"
+        self.h_name = FFN_INPUT_NAME.get(arch, "ffn_inp")
         self.n_seq, self.P, self.chunk = n_seq, prefill, chunk
         self.r = Runner(path, n_ctx=n_seq * (chunk + 8), n_batch=max(512, n_seq * prefill), n_seq_max=n_seq,
                         cb=self._cb, n_threads=n_threads)
@@ -173,9 +179,11 @@ class CellMeter:
 
     # -- measurement ----------------------------------------------------------
 
-    def measure(self, chunks: list[list[int]], keep_hidden: bool = True, progress: bool = True) -> Cells:
-        """D, dense NLL and signals for every scored token of ``chunks``
-        (each scored position t predicts token t + 1)."""
+    def measure(self, chunks: list[list[int]], keep_hidden: bool = True, progress: bool = True,
+                layers: list[int] | None = None) -> Cells:
+        """D, KL, dense NLL and signals for every scored token of ``chunks``
+        (each scored position t predicts token t + 1); ``layers``: measure
+        the cells of these layers only (the others stay NaN; calibration)."""
         import llama_cpp
         from tqdm import tqdm
 
@@ -199,7 +207,8 @@ class CellMeter:
                 items = [(c[i], i, s, True) for s, c in enumerate(group)]
                 tgt = np.array([c[i + 1] for c in group])
                 logp = {}
-                for j in range(1, L):
+                cell_layers = [j for j in range(1, L) if layers is None or j in layers]
+                for j in cell_layers:
                     self.set_mask([j])
                     logp[j] = _logsoftmax(self.r.decode(items))
                     D[row:row + n, j] = -logp[j][np.arange(n), tgt]
@@ -214,10 +223,10 @@ class CellMeter:
                     self.capture = False
                 dn = -lp0[np.arange(n), tgt]
                 p0 = np.exp(lp0)
-                for j in range(1, L):
+                for j in cell_layers:
                     K[row:row + n, j] = (p0 * (lp0 - logp[j])).sum(axis=1)
                 nll[row:row + n] = dn
-                D[row:row + n, 1:] -= dn[:, None]
+                D[row:row + n, cell_layers] -= dn[:, None]
                 h = [self.grab[(self.h_name, j)] for j in range(L)]
                 o = [self.grab[("l_out", j)] for j in range(L)]
                 if keep_hidden and U is None:
