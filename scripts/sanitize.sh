@@ -47,7 +47,7 @@ echo "== tests under ASan + UBSan (library: $LIB)"
 start=$(date +%s)
 cd tests
 if [ "$#" -eq 0 ]; then
-    set -- test_gate.py test_dense_exact.py test_bad_inputs.py test_fuzz_metadata.py test_concurrency.py
+    set -- test_gate.py test_dense_exact.py test_bad_inputs.py test_fuzz_metadata.py test_concurrency.py test_archs.py test_probe.py
 fi
 # the stock reference build is not sanitized; test_dense_exact compares against it in a subprocess
 # -s: a sanitizer report goes to stderr just before the abort; captured output would be lost
