@@ -257,3 +257,39 @@ def test_decisions_agree_with_cpu_under_the_measured_tolerance(qwen_path):
     if stop is None:
         assert vst.skipped_per_layer == cout["skipped"]
         assert vst.run_per_layer == cout["run"]
+
+
+def test_probe_signal_falls_back_to_dense_with_the_reason_on_vulkan(smollm2_path, tmp_path):
+    # the probe has no Vulkan kernel (issue 14): a probe-calibrated file on the
+    # GPU loads and decodes dense, with a warning that says why; dense use of
+    # the same file is unaffected
+    import warnings
+
+    from test_probe import _probe_file
+
+    from ffnskip_gguf import Llama, policy
+    from ffnskip_gguf.llama import FfnSkipUnsupportedWarning
+
+    p = _probe_file(smollm2_path, tmp_path / "probe.gguf", policy.GGUF_VERSION_PROBE)
+    dense = Llama(str(p), n_ctx=128, n_gpu_layers=-1, verbose=False)  # ffn_skip=False: no error, no warning
+    dense.close()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        llm = Llama(str(p), n_ctx=128, n_gpu_layers=-1, verbose=False, ffn_skip=True)
+    msgs = [str(x.message) for x in w if issubclass(x.category, FfnSkipUnsupportedWarning)]
+    assert len(msgs) == 1 and "CPU backend only" in msgs[0], msgs
+    assert llm.ffn_skip_params().mode == "off"
+    llm("The capital of France is", max_tokens=2, temperature=0)
+    assert llm.ffn_skip_stats().skipped == 0
+    llm.close()
+
+
+def test_moe_model_on_vulkan_is_unsupported_with_the_reason(tmp_path):
+    from synth import write_synthetic
+
+    p = write_synthetic("qwen3moe", tmp_path / "moe.gguf", seed=1, n_layer=4)
+    r = _vk(str(p))
+    r.set_policy(True)
+    st = r.stats()
+    r.close()
+    assert not st.supported and "MUL_MAT_ID" in st.reason, st.reason

@@ -8,6 +8,7 @@ section 5 are added.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -178,6 +179,8 @@ class Llama(llama_cpp.Llama):
             _lib.ffnskip_set_params(self._ffn_ctx, ctypes.byref(p), err, len(err))
             policy.apply_signal(self._ffn_ctx, policy.FfnSkipSettings(**{**s.__dict__, "signal": "cosine",
                                                                          "probe": None}))
+            # what the context runs: dense (ffn_skip_params and the KV key say so)
+            self._ffn_settings = dataclasses.replace(s, mode="off", signal="cosine", probe=None)
             if "probe-backend" not in self._ffn_warned:
                 self._ffn_warned.add("probe-backend")
                 warnings.warn(f"FFN skipping is off, decoding dense: {e}", FfnSkipUnsupportedWarning, stacklevel=3)
@@ -224,6 +227,10 @@ class Llama(llama_cpp.Llama):
             self._ffn_apply()  # the library validates again; nothing changes unless it accepts
         except Exception:
             self._ffn_args, self._ffn_skip_value, self._ffn_settings = old
+            try:
+                self._ffn_apply()  # the library may have taken the params before refusing the signal
+            except Exception:  # pragma: no cover - the old settings were accepted before
+                pass
             raise
         if self._ffn_key() != old_key:
             # KV computed under the old settings is valid only below the first

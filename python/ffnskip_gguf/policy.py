@@ -402,14 +402,16 @@ def to_c(s: FfnSkipSettings) -> "_lib.ffnskip_params":
 
 def apply_signal(ctx, s: FfnSkipSettings) -> None:
     """Set the decision signal of settings ``s`` on a llama_context
-    (``ffnskip_set_signal``). Raises ValueError with the library's reason
-    (wrong probe size for this model, probe with FFN weights off the CPU)."""
+    (``ffnskip_set_signal``): the probe only when the gate runs (adaptive
+    mode), the cosine otherwise (dense and static removal never read it).
+    Raises ValueError with the library's reason (wrong probe size for this
+    model, probe with FFN weights off the CPU)."""
     import ctypes
 
     import numpy as np
 
     err = ctypes.create_string_buffer(512)
-    if s.signal == "probe" and s.probe is not None:
+    if s.mode == "adaptive" and s.signal == "probe" and s.probe is not None:
         w = np.ascontiguousarray(s.probe, dtype=np.float32)
         rc = _lib.ffnskip_set_signal(ctx, SIGNALS["probe"], w.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                      len(w), err, len(err))

@@ -164,9 +164,15 @@ class Runner:
         self._check()
         p = policy.to_c(s)
         err = ctypes.create_string_buffer(256)
+        old = _lib.ffnskip_params()
+        _lib.ffnskip_get_params(self.ctx, ctypes.byref(old))
         if _lib.ffnskip_set_params(self.ctx, ctypes.byref(p), err, 256) != 0:
             raise ValueError(err.value.decode())
-        policy.apply_signal(self.ctx, s)
+        try:
+            policy.apply_signal(self.ctx, s)
+        except ValueError:
+            _lib.ffnskip_set_params(self.ctx, ctypes.byref(old), err, 256)  # nothing changes
+            raise
 
     def reset_stats(self) -> None:
         self._check()
