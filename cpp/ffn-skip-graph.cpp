@@ -347,6 +347,49 @@ void llm_graph_context::ffnskip_ffn_end(ggml_tensor * l_out, int il) const {
     }
 }
 
+// The nodes between out and inp (inp, leaves and the gate g excluded), depth
+// first from out; at most max_nodes of them. must_end: more is a bug (the
+// block does not lead back to inp), not a bound.
+static std::vector<ggml_tensor *> ffnskip_nodes_between(ggml_tensor * out, const ggml_tensor * inp,
+                                                       const ggml_tensor * g, size_t max_nodes, bool must_end) {
+    std::vector<ggml_tensor *> stack = { out };
+    std::vector<ggml_tensor *> seen;
+    while (!stack.empty() && (must_end || seen.size() < max_nodes)) {
+        ggml_tensor * t = stack.back();
+        stack.pop_back();
+        if (t == nullptr || t == inp || t == g || t->op == GGML_OP_NONE) {
+            continue;
+        }
+        bool visited = false;
+        for (ggml_tensor * s : seen) {
+            visited = visited || s == t;
+        }
+        if (visited) {
+            continue;
+        }
+        seen.push_back(t);
+        GGML_ASSERT((!must_end || seen.size() < max_nodes) && "ffnskip: the FFN block does not lead back to its input");
+        for (int i = 0; i < GGML_MAX_SRC; ++i) {
+            if (t->src[i] != nullptr) {
+                stack.push_back(t->src[i]);
+            }
+        }
+    }
+    return seen;
+}
+
+// out's rows times the keep row of gate g (exact: x * 1 = x, skipped rows 0)
+static ggml_tensor * ffnskip_mask_rows(ggml_context * ctx0, ggml_tensor * out, ggml_tensor * g, int64_t n_tokens,
+                                       const char * name, int il) {
+    const int64_t rows = out->ne[1];
+    GGML_ASSERT(ggml_nrows(out) == rows && rows <= n_tokens);
+    const int row = rows == n_tokens ? FFNSKIP_ROW_KEEP : FFNSKIP_ROW_KEEP_OUT;
+    ggml_tensor * keep = ggml_view_2d(ctx0, g, 1, rows, sizeof(float), row * g->nb[1]);
+    out = ggml_mul(ctx0, out, keep);
+    ggml_format_name(out, "%s-%d", name, il);
+    return out;
+}
+
 ggml_tensor * llm_graph_context::ffnskip_ffn_out(
         ggml_tensor * inp, ggml_tensor * out,
         ggml_tensor * up, ggml_tensor * gate, ggml_tensor * down,
@@ -360,22 +403,7 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
     ggml_tensor * g = f->b.gate_il;
 
     // predicate the weight matmuls between inp and out on the gate
-    std::vector<ggml_tensor *> stack = { out };
-    std::vector<ggml_tensor *> seen;
-    while (!stack.empty() && seen.size() < 256) {
-        ggml_tensor * t = stack.back();
-        stack.pop_back();
-        if (t == nullptr || t == inp || t->op == GGML_OP_NONE) {
-            continue;
-        }
-        bool visited = false;
-        for (ggml_tensor * s : seen) {
-            visited = visited || s == t;
-        }
-        if (visited) {
-            continue;
-        }
-        seen.push_back(t);
+    for (ggml_tensor * t : ffnskip_nodes_between(out, inp, g, 256, false)) {
         if (t->op == GGML_OP_MUL_MAT && t->src[2] == nullptr && t->src[0] != nullptr &&
             (t->src[0] == up || t->src[0] == gate || t->src[0] == down)) {
             t->src[2] = g;
@@ -384,11 +412,6 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
             // (with biases, scales or LoRA other nodes read them: write zeros)
             t->op_params[FFNSKIP_OP_PARAM_SLOT] = (t->src[0] == down || has_extra) ? FFNSKIP_MUL_MAT_MAGIC
                                                                                    : FFNSKIP_MUL_MAT_MAGIC_NOOP;
-        }
-        for (int i = 0; i < GGML_MAX_SRC; ++i) {
-            if (t->src[i] != nullptr && t->src[i] != g) {
-                stack.push_back(t->src[i]);
-            }
         }
     }
 
@@ -399,15 +422,7 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_out(
     // without the predicate or take a non-predicated kernel; biases, scales
     // or LoRA read the outputs) mask the rows.
     const bool need_mask = has_extra || n_tokens > 1;
-    if (need_mask) {
-        const int64_t rows = out->ne[1];
-        GGML_ASSERT(ggml_nrows(out) == rows && rows <= n_tokens);
-        const int row = rows == n_tokens ? FFNSKIP_ROW_KEEP : FFNSKIP_ROW_KEEP_OUT;
-        ggml_tensor * keep = ggml_view_2d(ctx0, g, 1, rows, sizeof(float), row * g->nb[1]);
-        out = ggml_mul(ctx0, out, keep);
-        ggml_format_name(out, "ffnskip_mask-%d", il);
-    }
-    return out;
+    return need_mask ? ffnskip_mask_rows(ctx0, out, g, n_tokens, "ffnskip_mask", il) : out;
 }
 
 // Predicates every FFN weight matmul of layer il between inp (the tensor given
@@ -429,23 +444,7 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_block(ggml_tensor * inp, ggml_tenso
     snprintf(prefix, sizeof(prefix), "blk.%d.ffn_", il);
     const size_t prefix_len = strlen(prefix);
     int n_new = 0;
-    std::vector<ggml_tensor *> stack = { out };
-    std::vector<ggml_tensor *> seen;
-    while (!stack.empty()) {
-        ggml_tensor * t = stack.back();
-        stack.pop_back();
-        if (t == nullptr || t == inp || t == g || t->op == GGML_OP_NONE) {
-            continue;
-        }
-        bool visited = false;
-        for (ggml_tensor * s : seen) {
-            visited = visited || s == t;
-        }
-        if (visited) {
-            continue;
-        }
-        seen.push_back(t);
-        GGML_ASSERT(seen.size() < 4096 && "ffnskip: the FFN block does not lead back to its input");
+    for (ggml_tensor * t : ffnskip_nodes_between(out, inp, g, 4096, true)) {
         const bool ffn_weight = t->src[0] != nullptr && t->src[0]->op == GGML_OP_NONE &&
                                 strncmp(ggml_get_name(t->src[0]), prefix, prefix_len) == 0;
         if (ffn_weight && t->op == GGML_OP_MUL_MAT && t->src[2] == nullptr) {
@@ -457,20 +456,9 @@ ggml_tensor * llm_graph_context::ffnskip_ffn_block(ggml_tensor * inp, ggml_tenso
             t->op_params[FFNSKIP_OP_PARAM_SLOT] = FFNSKIP_MUL_MAT_MAGIC;
             n_new++;
         }
-        for (int i = 0; i < GGML_MAX_SRC; ++i) {
-            if (t->src[i] != nullptr) {
-                stack.push_back(t->src[i]);
-            }
-        }
     }
     if (n_new == 0) {
         return out;
     }
-    const int64_t rows = out->ne[1];
-    GGML_ASSERT(ggml_nrows(out) == rows && rows <= n_tokens);
-    const int row = rows == n_tokens ? FFNSKIP_ROW_KEEP : FFNSKIP_ROW_KEEP_OUT;
-    ggml_tensor * keep = ggml_view_2d(ctx0, g, 1, rows, sizeof(float), row * g->nb[1]);
-    out = ggml_mul(ctx0, out, keep);
-    ggml_format_name(out, "ffnskip_block_mask-%d", il);
-    return out;
+    return ffnskip_mask_rows(ctx0, out, g, n_tokens, "ffnskip_block_mask", il);
 }
