@@ -17,6 +17,8 @@ from pathlib import Path as _Path
 
 from ._pin import LLAMA_CPP_PYTHON_VERSION
 from ._libpath import find_lib_dir as _find_lib_dir
+from ._cpucheck import check_cpu as _check_cpu
+from ._backends import load_cpu_backend as _load_cpu_backend
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,8 @@ def _wire_llama_cpp() -> _Path:
             f"but {installed} is installed; run: pip install 'llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}'"
         )
     lib_dir = _find_lib_dir()
+    # before anything compiled for the build machine's CPU is loaded
+    _check_cpu(lib_dir)
     loaded = sys.modules.get("llama_cpp.llama_cpp")
     if loaded is not None:
         lib = getattr(loaded, "_lib", None)
@@ -57,8 +61,11 @@ def _wire_llama_cpp() -> _Path:
 
 
 LIB_DIR = _wire_llama_cpp()
+#: the CPU backend variant a portable build loaded (``"haswell"``, ...); None
+#: for a build whose CPU backend is linked in (docs/PORTABLE.md)
+CPU_VARIANT = _load_cpu_backend(LIB_DIR)
 
 from . import _lib  # noqa: E402  (checks that the loaded library is ours)
 from .llama import Llama, ModelFileError  # noqa: E402
 
-__all__ = ["Llama", "ModelFileError", "LIB_DIR", "LLAMA_CPP_PYTHON_VERSION", "__version__"]
+__all__ = ["Llama", "ModelFileError", "LIB_DIR", "CPU_VARIANT", "LLAMA_CPP_PYTHON_VERSION", "__version__"]

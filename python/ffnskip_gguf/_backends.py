@@ -1,0 +1,144 @@
+"""Loading the CPU backend of a portable build (docs/PORTABLE.md).
+
+A portable build (``FFNSKIP_PORTABLE=ON``: ggml's ``GGML_BACKEND_DL`` with
+``GGML_CPU_ALL_VARIANTS``) ships the CPU backend as one module per instruction
+-set variant, ``libggml-cpu-<variant>.so``, next to ``libllama``. ggml's own
+``ggml_backend_load_all()`` searches the executable's and the working
+directory, which for Python are neither ours, and llama-cpp-python loads
+nothing; so after ``libllama`` is loaded this module scores each variant with
+its exported ``ggml_backend_score()`` (0: this CPU cannot run it; the scoring
+is ggml's ``ggml/src/ggml-cpu/arch/x86/cpu-feats.cpp``), loads the best one
+with ``ggml_backend_load()`` (ties: the first in name order) and records its
+name. ``FFNSKIP_CPU_VARIANT=<variant>`` loads that one instead (tests use it
+to run the gate on every variant this CPU runs).
+
+A non-portable build registers its CPU backend when ``libggml`` loads; then
+nothing is done here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+ENV_CPU_VARIANT = "FFNSKIP_CPU_VARIANT"
+
+
+def _prefix_suffix() -> tuple[str, str]:
+    if sys.platform == "win32":
+        return "ggml-cpu-", ".dll"
+    if sys.platform == "darwin":
+        return "libggml-cpu-", ".so"
+    return "libggml-cpu-", ".so"
+
+
+def variant_files(lib_dir: Path) -> dict[str, Path]:
+    """``{variant name: module path}`` of the CPU variant modules in ``lib_dir``
+    (empty for a non-portable build)."""
+    prefix, suffix = _prefix_suffix()
+    out = {}
+    for p in sorted(Path(lib_dir).iterdir()):
+        if p.name.startswith(prefix) and p.name.endswith(suffix) and p.is_file():
+            out[p.name[len(prefix):-len(suffix)]] = p
+    return out
+
+
+def variant_scores(lib_dir: Path) -> dict[str, int]:
+    """Score every CPU variant module in ``lib_dir`` for this CPU.
+
+    Each module is loaded, its ``ggml_backend_score()`` called and the module
+    closed again (what ggml's ``ggml_backend_load_best`` does).
+
+    Returns:
+        ``{variant: score}``; 0 means this CPU lacks an instruction set the
+        variant was compiled for.
+
+    Raises:
+        ImportError: a module cannot be loaded or exports no score.
+    """
+    import _ctypes
+
+    scores = {}
+    for name, path in variant_files(lib_dir).items():
+        try:
+            mod = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise ImportError(f"ffnskip_gguf: cannot load the CPU backend variant {path}: {e}") from None
+        try:
+            fn = getattr(mod, "ggml_backend_score", None)
+            if fn is None:
+                raise ImportError(f"ffnskip_gguf: {path} exports no ggml_backend_score; reinstall ffnskip-gguf")
+            fn.restype = ctypes.c_int
+            fn.argtypes = []
+            scores[name] = int(fn())
+        finally:
+            if sys.platform != "win32":
+                _ctypes.dlclose(mod._handle)
+    return scores
+
+
+def load_cpu_backend(lib_dir: Path) -> str | None:
+    """Register the CPU backend of a portable build with ggml.
+
+    Returns:
+        The loaded variant's name, or None for a build whose CPU backend is
+        linked in (nothing to do).
+
+    Raises:
+        ImportError: ``FFNSKIP_CPU_VARIANT`` names a variant that is not there
+            or that this CPU cannot run; no variant runs here; ggml refuses to
+            load the chosen module.
+    """
+    files = variant_files(lib_dir)
+    ggml = ctypes.CDLL(str(Path(lib_dir) / ("ggml.dll" if sys.platform == "win32" else "libggml.so")))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_count.argtypes = []
+    if not files:
+        if ggml.ggml_backend_dev_count() == 0:
+            # GGML_BACKEND_DL without variants: one libggml-cpu module
+            ggml.ggml_backend_load_all_from_path.restype = None
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
+            if ggml.ggml_backend_dev_count() == 0:
+                raise ImportError(f"ffnskip_gguf: no ggml backend could be loaded from {lib_dir}")
+        return None
+    scores = variant_scores(lib_dir)
+    wanted = os.environ.get(ENV_CPU_VARIANT, "").strip()
+    if wanted:
+        if wanted not in scores:
+            raise ImportError(
+                f"ffnskip_gguf: {ENV_CPU_VARIANT}={wanted} is not a CPU variant of this build; "
+                f"there are: {', '.join(scores)}"
+            )
+        if scores[wanted] <= 0:
+            raise ImportError(f"ffnskip_gguf: {ENV_CPU_VARIANT}={wanted}: this CPU cannot run that variant")
+        best = wanted
+    else:
+        runnable = [(s, n) for n, s in scores.items() if s > 0]
+        if not runnable:
+            raise ImportError(
+                f"ffnskip_gguf: this CPU runs none of the CPU backend variants in {lib_dir} ({', '.join(scores)})"
+            )
+        top = max(s for s, _ in runnable)
+        best = next(n for s, n in runnable if s == top)
+    ggml.ggml_backend_load.restype = ctypes.c_void_p
+    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
+    # ggml logs "load_backend: loaded CPU backend from ..." at INFO through
+    # llama-cpp-python's logger: quiet at import, as a linked-in backend is
+    import logging
+
+    from llama_cpp._logger import logger
+
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        reg = ggml.ggml_backend_load(str(files[best]).encode())
+    finally:
+        logger.setLevel(level)
+    if not reg:
+        raise ImportError(f"ffnskip_gguf: ggml could not load the CPU backend {files[best]}")
+    if ggml.ggml_backend_dev_count() < 1:
+        raise ImportError(f"ffnskip_gguf: {files[best]} registered no device")
+    return best
