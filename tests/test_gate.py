@@ -180,7 +180,9 @@ def _batched_run(r: Runner, prompts, steps, policy_kw, forced_tokens=None):
         lg = r.decode(items)
         dec, _ = r.trace()
         for s in range(len(prompts)):
-            decisions[s].append(dec[s])
+            # dense (ffn_skip=False) records no trace (what trace() holds is an
+            # earlier run's): no decisions
+            decisions[s].append(dec[s] if policy_kw.get("ffn_skip") else np.zeros(r.n_layer, np.uint8))
             logits[s].append(lg[s])
             last[s] = lg[s]
     return np.array(decisions), np.array(logits)

@@ -92,7 +92,13 @@ def load_cpu_backend(lib_dir: Path) -> str | None:
             load the chosen module.
     """
     files = variant_files(lib_dir)
-    ggml = ctypes.CDLL(str(Path(lib_dir) / ("ggml.dll" if sys.platform == "win32" else "libggml.so")))
+    # ggml's registry through the libllama that llama_cpp loaded: dlsym on its
+    # handle searches its dependencies, so this is the libggml it uses (a
+    # wheel holds copies, not links, of libggml.so / .so.0: loading one by
+    # path could map a second registry)
+    import llama_cpp.llama_cpp as _llama_cpp
+
+    ggml = _llama_cpp._lib
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     ggml.ggml_backend_dev_count.argtypes = []
     if not files:
@@ -132,7 +138,7 @@ def load_cpu_backend(lib_dir: Path) -> str | None:
     from llama_cpp._logger import logger
 
     level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
+    logger.setLevel(max(level, logging.ERROR))  # what Llama(verbose=False) sets
     try:
         reg = ggml.ggml_backend_load(str(files[best]).encode())
     finally:

@@ -68,7 +68,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
         pieces = (c["choices"][0]["text"] for c in stream)
     if not a.chat:
         sys.stdout.write(a.prompt)
+    import time
+
+    # llama.cpp's prompt-eval timer stops before the asynchronous compute
+    # finishes (it read ~11 us for a prompt): time the first token instead
+    t_start = time.perf_counter()
+    t_first = None
     for piece in pieces:
+        if t_first is None:
+            t_first = time.perf_counter()
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -76,9 +84,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     perf = llama_cpp.llama_perf_context(llm._ctx.ctx)  # llama.cpp's own counters
     decode_tps = perf.n_eval / (perf.t_eval_ms / 1000.0) if perf.t_eval_ms > 0 else 0.0
-    prefill_tps = perf.n_p_eval / (perf.t_p_eval_ms / 1000.0) if perf.t_p_eval_ms > 0 else 0.0
+    ttft = (t_first - t_start) if t_first is not None else 0.0
     st = llm.ffn_skip_stats()
-    print(f"\n--- prefill {perf.n_p_eval} tokens at {prefill_tps:.1f} tok/s; "
+    print(f"\n--- prefill {perf.n_p_eval} tokens, first token after {ttft * 1000:.0f} ms; "
           f"decode {perf.n_eval} tokens at {decode_tps:.1f} tok/s", file=sys.stderr)
     if llm.ffn_skip_params().enabled:
         extra = "" if st.supported else f" (dense: {st.reason})"
