@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--n-decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    a.lib_a, a.lib_b = os.path.abspath(a.lib_a), os.path.abspath(a.lib_b)
     ratios = {"dense": [], "gate": []}
     info = {}
     for rnd in range(a.rounds):
