@@ -5,32 +5,44 @@
 #
 # Writes cpu-features.txt into the library folder:
 #   build: native | flags | portable
-#   flags: the CPU backend's -m flags (native: -march=native)
-#   require: the ISA macros those flags define beyond the compiler's default,
-#            e.g. __AVX2__ __FMA__ (empty for a portable build: each CPU
-#            variant module is scored at run time by ggml's cpu-feats)
+#   flags: the -m flags of CMAKE_C_FLAGS and (not portable) of the CPU backend
+#          (native: -march=native)
+#   require: the ISA macros those flags define beyond the x86-64 baseline,
+#            e.g. __AVX2__ __FMA__ (a portable build: usually none, its CPU
+#            variant modules are scored at run time by ggml's cpu-feats)
 # and builds libffnskip-cpucheck (cpp/ffn-skip-cpucheck.c), compiled for the
-# baseline ISA, which answers per macro whether this CPU has it (cpuid).
+# x86-64 baseline, which answers per macro whether this CPU has it (cpuid).
 
 set(_ffnskip_cpu_kind "flags")
-set(_ffnskip_cpu_flags "")
-set(_ffnskip_cpu_require "")
 if(GGML_BACKEND_DL)
     set(_ffnskip_cpu_kind "portable")
-elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64|i[3-6]86)$" AND NOT MSVC)
-    if(GGML_NATIVE)
-        set(_ffnskip_cpu_kind "native")
+elseif(GGML_NATIVE)
+    set(_ffnskip_cpu_kind "native")
+endif()
+# the -m flags every library is compiled with, then (not portable) the CPU backend's
+separate_arguments(_c_flags UNIX_COMMAND "${CMAKE_C_FLAGS}")
+set(_ffnskip_cpu_flags "")
+foreach(_o IN LISTS _c_flags)
+    if(_o MATCHES "^-m[a-z]")
+        list(APPEND _ffnskip_cpu_flags "${_o}")
     endif()
-    foreach(_t IN LISTS FFNSKIP_CPU_TARGETS)
-        get_target_property(_opts ${_t} COMPILE_OPTIONS)
-        foreach(_o IN LISTS _opts)
-            if(_o MATCHES "^-m[a-z]")
-                list(APPEND _ffnskip_cpu_flags "${_o}")
-            endif()
+endforeach()
+set(_ffnskip_cpu_require "")
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$" AND NOT MSVC)
+    if(NOT GGML_BACKEND_DL)
+        foreach(_t IN LISTS FFNSKIP_CPU_TARGETS)
+            get_target_property(_opts ${_t} COMPILE_OPTIONS)
+            foreach(_o IN LISTS _opts)
+                if(_o MATCHES "^-m[a-z]")
+                    list(APPEND _ffnskip_cpu_flags "${_o}")
+                endif()
+            endforeach()
         endforeach()
-    endforeach()
+    endif()
     list(REMOVE_DUPLICATES _ffnskip_cpu_flags)
-    execute_process(COMMAND ${CMAKE_C_COMPILER} -dM -E -x c /dev/null
+    # against the x86-64 baseline, not the compiler's default (which may be
+    # x86-64-v2 or -v3 on some distributions)
+    execute_process(COMMAND ${CMAKE_C_COMPILER} -march=x86-64 -dM -E -x c /dev/null
         OUTPUT_VARIABLE _base RESULT_VARIABLE _rc1 ERROR_QUIET)
     execute_process(COMMAND ${CMAKE_C_COMPILER} ${_ffnskip_cpu_flags} -dM -E -x c /dev/null
         OUTPUT_VARIABLE _with RESULT_VARIABLE _rc2 ERROR_QUIET)
@@ -46,6 +58,16 @@ elseif(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64|i[3-6]86)$" AND NOT 
         endif()
     endforeach()
     list(SORT _ffnskip_cpu_require)
+    if(_ffnskip_cpu_kind STREQUAL "native")
+        # -march=native is the same command line on every machine: without
+        # this, a rebuild in the same build folder on another CPU would keep
+        # the old machine's objects under the new machine's record
+        string(MD5 _isa_hash "${_ffnskip_cpu_require}")
+        string(SUBSTRING "${_isa_hash}" 0 12 _isa_hash)
+        foreach(_t IN LISTS FFNSKIP_CPU_TARGETS)
+            target_compile_definitions(${_t} PRIVATE FFNSKIP_HOST_ISA=${_isa_hash})
+        endforeach()
+    endif()
 endif()
 string(REPLACE ";" " " _flags_s "${_ffnskip_cpu_flags}")
 string(REPLACE ";" " " _req_s "${_ffnskip_cpu_require}")

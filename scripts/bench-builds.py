@@ -7,7 +7,7 @@ against the native build (issue 15 B; docs/PORTABLE.md).
 Two builds cannot share a process (one libggml per process), so each round
 starts one process per build, alternating which goes first; each process
 decodes dense and with the gate (bench.gate_kwargs, target 0.25) ``--repeats``
-times alternately and reports median decode seconds. The result is the median
+times alternately and reports median decode tok/s. The result is the median
 over rounds of B/A tok/s ratios, dense and gate, with every round's ratio
 (the spread), as JSON on stdout.
 """

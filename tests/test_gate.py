@@ -182,7 +182,7 @@ def _batched_run(r: Runner, prompts, steps, policy_kw, forced_tokens=None):
         for s in range(len(prompts)):
             # dense (ffn_skip=False) records no trace (what trace() holds is an
             # earlier run's): no decisions
-            decisions[s].append(dec[s] if policy_kw.get("ffn_skip") else np.zeros(r.n_layer, np.uint8))
+            decisions[s].append(dec[s] if policy_kw.get("ffn_skip", True) else np.zeros(r.n_layer, np.uint8))
             logits[s].append(lg[s])
             last[s] = lg[s]
     return np.array(decisions), np.array(logits)

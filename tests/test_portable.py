@@ -132,12 +132,49 @@ def test_portable_build_loads_the_best_variant_this_cpu_runs(portable_lib):
     assert len(scores) >= 2, scores
     assert scores["x64"] > 0, "the baseline variant runs on every x86-64"
     assert scores[loaded] == max(scores.values()) > 0, (loaded, scores)
+    # independent of ggml's scoring: the kernel's view of this CPU
+    flags = _cpuinfo_flags()
+    if "haswell" in scores:
+        has_haswell = {"avx", "avx2", "fma", "f16c", "bmi2"} <= flags
+        assert (scores["haswell"] > 0) == has_haswell, (scores, sorted(flags))
+        if has_haswell:
+            assert loaded not in ("x64", "sse42", "sandybridge"), loaded
+    if "skylakex" in scores:
+        has_skx = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"} <= flags
+        assert (scores["skylakex"] > 0) == has_skx, (scores, sorted(flags))
 
 
-def test_unknown_or_unrunnable_variant_is_a_clear_import_error(portable_lib):
+def _cpuinfo_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("flags"))
+    return set(line.split(":", 1)[1].split())
+
+
+def test_an_unknown_variant_is_a_clear_import_error(portable_lib):
     env = dict(os.environ, FFNSKIP_GGUF_LIB_PATH=str(portable_lib), FFNSKIP_CPU_VARIANT="pentium3")
     r = _probe(sys.executable, env, "import ffnskip_gguf")
     assert r.returncode == 1 and "ImportError" in r.stderr and "not a CPU variant of this build" in r.stderr, r.stderr
+
+
+def test_a_variant_this_cpu_cannot_run_is_a_clear_import_error(portable_lib):
+    env = dict(os.environ, FFNSKIP_GGUF_LIB_PATH=str(portable_lib))
+    r = _probe(sys.executable, env, "import json, ffnskip_gguf as f, ffnskip_gguf._backends as b; "
+               "print(json.dumps(b.variant_scores(f.LIB_DIR)))")
+    assert r.returncode == 0, r.stderr
+    unrunnable = [v for v, s in json.loads(r.stdout.strip().splitlines()[-1]).items() if s == 0]
+    if not unrunnable:
+        pytest.skip("this CPU runs every variant of the build")
+    env["FFNSKIP_CPU_VARIANT"] = unrunnable[0]
+    r = _probe(sys.executable, env, "import ffnskip_gguf")
+    assert r.returncode == 1 and "this CPU cannot run that variant" in r.stderr, r.stderr
+
+
+def test_a_variant_asked_of_a_build_without_variants_is_a_clear_import_error():
+    if ffnskip_gguf.CPU_VARIANT is not None:
+        pytest.skip("the installed build is portable")
+    env = dict(os.environ, FFNSKIP_GGUF_LIB_PATH=str(ffnskip_gguf.LIB_DIR), FFNSKIP_CPU_VARIANT="haswell")
+    r = _probe(sys.executable, env, "import ffnskip_gguf")
+    assert r.returncode == 1 and "has no CPU variant modules" in r.stderr, r.stderr
 
 
 def _runnable_variants(lib: Path) -> list[str]:
@@ -176,7 +213,8 @@ def test_gate_is_exact_on_every_variant_this_cpu_runs(portable_lib):
                            cwd=HERE, env=env, capture_output=True, text=True, timeout=1800)
         tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-500:]
         print(f"variant {v}: {tail}")
-        if r.returncode != 0 or " passed" not in tail:
+        # every listed test ran and passed: none skipped or deselected
+        if r.returncode != 0 or not re.fullmatch(rf"{len(EXACT_TESTS)} passed(, \d+ warnings?)? in .*", tail):
             failures.append(f"{v}: {r.stdout[-3000:]}\n{r.stderr[-1000:]}")
     assert not failures, "\n".join(failures)
 
@@ -258,6 +296,26 @@ def test_a_feature_this_cpu_lacks_is_an_import_error_naming_it(tmp_path):
     assert _cpucheck.missing_features(d)[1] == [lacking[0]]
 
 
+def test_checker_agrees_with_the_kernels_cpu_flags(tmp_path):
+    import ctypes
+
+    d = _checker_dir(tmp_path, "")
+    has = ctypes.CDLL(str(d / _cpucheck._checker_name())).ffnskip_cpu_has
+    has.argtypes, has.restype = [ctypes.c_char_p], ctypes.c_int
+    flags = _cpuinfo_flags()
+    # macro -> /proc/cpuinfo name (Linux arch/x86/include/asm/cpufeatures.h)
+    names = {"__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
+             "__POPCNT__": "popcnt", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
+             "__BMI__": "bmi1", "__BMI2__": "bmi2", "__MOVBE__": "movbe", "__AES__": "aes", "__PCLMUL__": "pclmulqdq",
+             "__SHA__": "sha_ni", "__ADX__": "adx", "__RDRND__": "rdrand", "__RDSEED__": "rdseed",
+             "__LZCNT__": "abm", "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl",
+             "__AVX512DQ__": "avx512dq", "__AVX512CD__": "avx512cd", "__AVX512VNNI__": "avx512_vnni",
+             "__AVX512BF16__": "avx512_bf16", "__AVX512VBMI__": "avx512vbmi", "__AVXVNNI__": "avx_vnni",
+             "__GFNI__": "gfni", "__VAES__": "vaes", "__VPCLMULQDQ__": "vpclmulqdq", "__AMX_TILE__": "amx_tile"}
+    wrong = {m: (has(m.encode()), n in flags) for m, n in names.items() if has(m.encode()) != int(n in flags)}
+    assert not wrong, wrong
+
+
 def test_recorded_features_this_cpu_has_pass(tmp_path):
     _cpucheck.check_cpu(_checker_dir(tmp_path, "__SSE3__ __SSSE3__ __NOT_AN_ISA__"))
 
@@ -275,9 +333,9 @@ def test_the_installed_build_records_what_it_needs():
     assert feats is not None, "cmake/cpu-features.cmake wrote no cpu-features.txt"
     assert feats["build"] in ("native", "flags", "portable")
     if feats["build"] == "native":
-        assert feats["flags"] == ["-march=native"] and "__SSE3__" in feats["require"]
+        assert "-march=native" in feats["flags"] and "__SSE3__" in feats["require"]
     if feats["build"] == "portable":
-        assert feats["require"] == [] and ffnskip_gguf.CPU_VARIANT is not None
+        assert "__AVX__" not in feats["require"] and ffnskip_gguf.CPU_VARIANT is not None
     else:
         assert ffnskip_gguf.CPU_VARIANT is None
     _cpucheck.check_cpu(ffnskip_gguf.LIB_DIR)  # it runs here, so it passes here

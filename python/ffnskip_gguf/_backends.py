@@ -88,30 +88,50 @@ def load_cpu_backend(lib_dir: Path) -> str | None:
 
     Raises:
         ImportError: ``FFNSKIP_CPU_VARIANT`` names a variant that is not there
-            or that this CPU cannot run; no variant runs here; ggml refuses to
-            load the chosen module.
+            (or the build has no variant modules) or that this CPU cannot run;
+            no variant runs here; ggml refuses to load the chosen module.
     """
     files = variant_files(lib_dir)
+    wanted = os.environ.get(ENV_CPU_VARIANT, "").strip()
+    if not files:
+        if wanted:
+            raise ImportError(f"ffnskip_gguf: {ENV_CPU_VARIANT}={wanted}, but this build has no CPU variant modules")
+        from ._cpucheck import read_features
+
+        feats = read_features(lib_dir)
+        if feats is None or feats["build"] != "portable":
+            # the CPU backend is linked in; touching ggml's registry here would
+            # start GPU drivers at import
+            return None
     # ggml's registry through the libllama that llama_cpp loaded: dlsym on its
-    # handle searches its dependencies, so this is the libggml it uses (a
-    # wheel holds copies, not links, of libggml.so / .so.0: loading one by
-    # path could map a second registry)
+    # handle searches its dependencies, so this is the libggml it uses
     import llama_cpp.llama_cpp as _llama_cpp
 
-    ggml = _llama_cpp._lib
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_count.argtypes = []
+    lib = _llama_cpp._lib
+
+    def fn(name, argtypes, restype):
+        f = lib[name]  # a fresh function object: never retypes one llama_cpp set
+        f.argtypes, f.restype = argtypes, restype
+        return f
+
+    dev_count = fn("ggml_backend_dev_count", [], ctypes.c_size_t)
+    backend_load = fn("ggml_backend_load", [ctypes.c_char_p], ctypes.c_void_p)
     if not files:
-        if ggml.ggml_backend_dev_count() == 0:
-            # GGML_BACKEND_DL without variants: one libggml-cpu module
-            ggml.ggml_backend_load_all_from_path.restype = None
-            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-            ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
-            if ggml.ggml_backend_dev_count() == 0:
+        # GGML_BACKEND_DL without variants: one libggml-cpu module
+        if dev_count() == 0:
+            fn("ggml_backend_load_all_from_path", [ctypes.c_char_p], None)(str(lib_dir).encode())
+            if dev_count() == 0:
                 raise ImportError(f"ffnskip_gguf: no ggml backend could be loaded from {lib_dir}")
         return None
+    others = sorted(p.name for p in Path(lib_dir).glob("*ggml-*") if p.is_file() and any(
+        g in p.name for g in ("cuda", "vulkan", "hip", "metal", "sycl", "opencl", "musa", "cann", "blas")))
+    if others:
+        import warnings
+
+        warnings.warn(f"ffnskip_gguf: the portable build loads its CPU backend only; {', '.join(others)} "
+                      "in its lib folder are not loaded (GPU builds: build without FFNSKIP_PORTABLE)",
+                      RuntimeWarning, stacklevel=3)
     scores = variant_scores(lib_dir)
-    wanted = os.environ.get(ENV_CPU_VARIANT, "").strip()
     if wanted:
         if wanted not in scores:
             raise ImportError(
@@ -129,8 +149,6 @@ def load_cpu_backend(lib_dir: Path) -> str | None:
             )
         top = max(s for s, _ in runnable)
         best = next(n for s, n in runnable if s == top)
-    ggml.ggml_backend_load.restype = ctypes.c_void_p
-    ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
     # ggml logs "load_backend: loaded CPU backend from ..." at INFO through
     # llama-cpp-python's logger: quiet at import, as a linked-in backend is
     import logging
@@ -140,11 +158,11 @@ def load_cpu_backend(lib_dir: Path) -> str | None:
     level = logger.level
     logger.setLevel(max(level, logging.ERROR))  # what Llama(verbose=False) sets
     try:
-        reg = ggml.ggml_backend_load(str(files[best]).encode())
+        reg = backend_load(str(files[best]).encode())
     finally:
         logger.setLevel(level)
     if not reg:
         raise ImportError(f"ffnskip_gguf: ggml could not load the CPU backend {files[best]}")
-    if ggml.ggml_backend_dev_count() < 1:
+    if dev_count() < 1:
         raise ImportError(f"ffnskip_gguf: {files[best]} registered no device")
     return best

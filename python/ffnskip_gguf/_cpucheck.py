@@ -117,8 +117,8 @@ def check_cpu(lib_dir: Path) -> None:
     raise ImportError(
         f"ffnskip_gguf: this CPU lacks {labels}, which the native libraries in {lib_dir} were compiled "
         f"for ({feats['build']} build, CPU flags {flags}); loading them would stop the process with an "
-        "illegal instruction. Fix: rebuild on this machine without pip's wheel cache "
-        "(`pip install --no-cache-dir --force-reinstall --no-binary ffnskip-gguf ffnskip-gguf`, or "
-        "`pip install --no-cache-dir .` in a checkout), or install the portable wheel "
+        "illegal instruction. Fix: rebuild on this machine without pip's wheel cache: `CMAKE_ARGS=\"-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF\" "
+        "pip install --no-cache-dir --force-reinstall --no-deps --no-binary ffnskip-gguf ffnskip-gguf` (or "
+        "`pip install --no-cache-dir .` in a checkout); or install the portable wheel "
         "(scripts/build-wheel.sh; docs/PORTABLE.md), which picks the CPU variant at run time."
     )

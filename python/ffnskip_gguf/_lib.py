@@ -137,17 +137,20 @@ class gguf_init_params(ctypes.Structure):
 
 
 def _load_ggml_base():
-    from pathlib import Path
+    if sys.platform == "win32":
+        from pathlib import Path
 
-    path = Path(_lib._name).parent / _lib_filename("ggml-base")
-    return ctypes.CDLL(str(path), mode=getattr(ctypes, "RTLD_GLOBAL", 0) if sys.platform != "win32" else 0)
+        return ctypes.CDLL(str(Path(_lib._name).parent / _lib_filename("ggml-base")))
+    # dlsym on libllama's handle searches its dependencies: the libggml-base
+    # it loaded, never a second copy opened by path
+    return _lib
 
 
 _ggml_base = _load_ggml_base()
 
 
 def _gfn(name, argtypes, restype):
-    f = getattr(_ggml_base, name)
+    f = _ggml_base[name]  # a fresh function object: never retypes one llama_cpp set
     f.argtypes = argtypes
     f.restype = restype
     return f
