@@ -34,21 +34,18 @@ struct ffnskip_cpu_regs {
 
 static void ffnskip_cpu_read(struct ffnskip_cpu_regs * r) {
     memset(r, 0, sizeof(*r));
-    unsigned a, b, c, d;
     const unsigned max = __get_cpuid_max(0, NULL);
-    if (max >= 1 && __get_cpuid(1, &a, &b, &c, &d)) {
-        r->l1[R_EAX] = a; r->l1[R_EBX] = b; r->l1[R_ECX] = c; r->l1[R_EDX] = d;
+    if (max >= 1) {
+        __cpuid(1, r->l1[R_EAX], r->l1[R_EBX], r->l1[R_ECX], r->l1[R_EDX]);
     }
     if (max >= 7) {
-        __cpuid_count(7, 0, a, b, c, d);
-        r->l7[R_EAX] = a; r->l7[R_EBX] = b; r->l7[R_ECX] = c; r->l7[R_EDX] = d;
-        if (a >= 1) {
-            __cpuid_count(7, 1, a, b, c, d);
-            r->l7s1[R_EAX] = a; r->l7s1[R_EBX] = b; r->l7s1[R_ECX] = c; r->l7s1[R_EDX] = d;
+        __cpuid_count(7, 0, r->l7[R_EAX], r->l7[R_EBX], r->l7[R_ECX], r->l7[R_EDX]);
+        if (r->l7[R_EAX] >= 1) {
+            __cpuid_count(7, 1, r->l7s1[R_EAX], r->l7s1[R_EBX], r->l7s1[R_ECX], r->l7s1[R_EDX]);
         }
     }
-    if (__get_cpuid_max(0x80000000u, NULL) >= 0x80000001u && __get_cpuid(0x80000001u, &a, &b, &c, &d)) {
-        r->e1[R_EAX] = a; r->e1[R_EBX] = b; r->e1[R_ECX] = c; r->e1[R_EDX] = d;
+    if (__get_cpuid_max(0x80000000u, NULL) >= 0x80000001u) {
+        __cpuid(0x80000001u, r->e1[R_EAX], r->e1[R_EBX], r->e1[R_ECX], r->e1[R_EDX]);
     }
     /* XCR0 only when the OS enabled xgetbv (OSXSAVE, leaf 1 ECX bit 27) */
     if (r->l1[R_ECX] & (1u << 27)) {

@@ -157,14 +157,10 @@ def test_an_unknown_variant_is_a_clear_import_error(portable_lib):
 
 
 def test_a_variant_this_cpu_cannot_run_is_a_clear_import_error(portable_lib):
-    env = dict(os.environ, FFNSKIP_GGUF_LIB_PATH=str(portable_lib))
-    r = _probe(sys.executable, env, "import json, ffnskip_gguf as f, ffnskip_gguf._backends as b; "
-               "print(json.dumps(b.variant_scores(f.LIB_DIR)))")
-    assert r.returncode == 0, r.stderr
-    unrunnable = [v for v, s in json.loads(r.stdout.strip().splitlines()[-1]).items() if s == 0]
+    unrunnable = [v for v, s in _variant_scores(portable_lib).items() if s == 0]
     if not unrunnable:
         pytest.skip("this CPU runs every variant of the build")
-    env["FFNSKIP_CPU_VARIANT"] = unrunnable[0]
+    env = dict(os.environ, FFNSKIP_GGUF_LIB_PATH=str(portable_lib), FFNSKIP_CPU_VARIANT=unrunnable[0])
     r = _probe(sys.executable, env, "import ffnskip_gguf")
     assert r.returncode == 1 and "this CPU cannot run that variant" in r.stderr, r.stderr
 
@@ -177,12 +173,18 @@ def test_a_variant_asked_of_a_build_without_variants_is_a_clear_import_error():
     assert r.returncode == 1 and "has no CPU variant modules" in r.stderr, r.stderr
 
 
-def _runnable_variants(lib: Path) -> list[str]:
+def _variant_scores(lib: Path) -> dict[str, int]:
+    """ggml's score of every CPU variant of the build in ``lib`` (a subprocess:
+    this process holds another build)."""
     env = dict(os.environ, FFNSKIP_GGUF_LIB_PATH=str(lib))
     r = _probe(sys.executable, env, "import json, ffnskip_gguf as f, ffnskip_gguf._backends as b; "
                "print(json.dumps(b.variant_scores(f.LIB_DIR)))")
     assert r.returncode == 0, r.stderr
-    return sorted(v for v, s in json.loads(r.stdout.strip().splitlines()[-1]).items() if s > 0)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _runnable_variants(lib: Path) -> list[str]:
+    return sorted(v for v, s in _variant_scores(lib).items() if s > 0)
 
 
 # the exactness tests of the gate, the probe and the MoE block, per variant
@@ -270,22 +272,14 @@ def _checker_dir(tmp_path: Path, require: str, build: str = "native") -> Path:
 
 
 def test_checker_answers_per_macro_and_minus_one_for_unknown_ones(tmp_path):
-    import ctypes
-
-    d = _checker_dir(tmp_path, "")
-    has = ctypes.CDLL(str(d / _cpucheck._checker_name())).ffnskip_cpu_has
-    has.argtypes, has.restype = [ctypes.c_char_p], ctypes.c_int
+    has = _cpucheck.cpu_has_fn(_checker_dir(tmp_path, ""))
     assert has(b"__SSE3__") == 1  # every x86-64 CPU since 2004 (and qemu's Nehalem)
     assert has(b"__NOT_AN_ISA__") == -1
     assert has(None) == -2
 
 
 def test_a_feature_this_cpu_lacks_is_an_import_error_naming_it(tmp_path):
-    import ctypes
-
-    d = _checker_dir(tmp_path, "")
-    has = ctypes.CDLL(str(d / _cpucheck._checker_name())).ffnskip_cpu_has
-    has.argtypes, has.restype = [ctypes.c_char_p], ctypes.c_int
+    has = _cpucheck.cpu_has_fn(_checker_dir(tmp_path, ""))
     lacking = [m for m in ("__AVX512FP16__", "__AMX_TILE__", "__AVX512BF16__", "__AVX512F__", "__AVXVNNI__")
                if has(m.encode()) == 0]
     if not lacking:
@@ -297,11 +291,7 @@ def test_a_feature_this_cpu_lacks_is_an_import_error_naming_it(tmp_path):
 
 
 def test_checker_agrees_with_the_kernels_cpu_flags(tmp_path):
-    import ctypes
-
-    d = _checker_dir(tmp_path, "")
-    has = ctypes.CDLL(str(d / _cpucheck._checker_name())).ffnskip_cpu_has
-    has.argtypes, has.restype = [ctypes.c_char_p], ctypes.c_int
+    has = _cpucheck.cpu_has_fn(_checker_dir(tmp_path, ""))
     flags = _cpuinfo_flags()
     # macro -> /proc/cpuinfo name (Linux arch/x86/include/asm/cpufeatures.h)
     names = {"__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",

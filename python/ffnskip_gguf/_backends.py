@@ -27,11 +27,8 @@ ENV_CPU_VARIANT = "FFNSKIP_CPU_VARIANT"
 
 
 def _prefix_suffix() -> tuple[str, str]:
-    if sys.platform == "win32":
-        return "ggml-cpu-", ".dll"
-    if sys.platform == "darwin":
-        return "libggml-cpu-", ".so"
-    return "libggml-cpu-", ".so"
+    # ggml names backend modules .so on macOS too (backend_filename_extension)
+    return ("ggml-cpu-", ".dll") if sys.platform == "win32" else ("libggml-cpu-", ".so")
 
 
 def variant_files(lib_dir: Path) -> dict[str, Path]:

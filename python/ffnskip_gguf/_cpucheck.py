@@ -19,18 +19,36 @@ are not checked.
 from __future__ import annotations
 
 import ctypes
-import sys
 from pathlib import Path
+
+from ._libpath import _lib_filename
 
 FEATURES_FILE = "cpu-features.txt"
 
 
 def _checker_name() -> str:
-    if sys.platform == "win32":
-        return "ffnskip-cpucheck.dll"
-    if sys.platform == "darwin":
-        return "libffnskip-cpucheck.dylib"
-    return "libffnskip-cpucheck.so"
+    return _lib_filename("ffnskip-cpucheck")
+
+
+def cpu_has_fn(lib_dir: Path):
+    """``ffnskip_cpu_has(macro: bytes) -> int`` of ``lib_dir``'s checker (1:
+    this CPU has it, 0: lacks it, -1: macro not in its table), or None when
+    the build has no checker (not x86-64, older build).
+
+    Raises:
+        ImportError: the checker exists but cannot be loaded.
+    """
+    checker = Path(lib_dir) / _checker_name()
+    if not checker.is_file():
+        return None
+    try:
+        lib = ctypes.CDLL(str(checker))
+    except OSError as e:
+        raise ImportError(f"ffnskip_gguf: cannot load the CPU checker {checker}: {e}") from None
+    has = lib.ffnskip_cpu_has
+    has.argtypes = [ctypes.c_char_p]
+    has.restype = ctypes.c_int
+    return has
 
 
 def read_features(lib_dir: Path) -> dict | None:
@@ -78,16 +96,9 @@ def missing_features(lib_dir: Path) -> tuple[dict | None, list[str]]:
     feats = read_features(lib_dir)
     if feats is None or not feats["require"]:
         return feats, []
-    checker = Path(lib_dir) / _checker_name()
-    if not checker.is_file():
+    has = cpu_has_fn(lib_dir)
+    if has is None:
         return feats, []
-    try:
-        lib = ctypes.CDLL(str(checker))
-    except OSError as e:
-        raise ImportError(f"ffnskip_gguf: cannot load the CPU checker {checker}: {e}") from None
-    has = lib.ffnskip_cpu_has
-    has.argtypes = [ctypes.c_char_p]
-    has.restype = ctypes.c_int
     return feats, [m for m in feats["require"] if has(m.encode()) == 0]
 
 
