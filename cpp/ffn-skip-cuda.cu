@@ -13,8 +13,9 @@
 
 #define FFNSKIP_CUDA_BLOCK 256
 
-// version of the predicated CUDA path (bump when its semantics change)
-#define FFNSKIP_CUDA_GATE_VERSION 1
+// version of the predicated CUDA path (bump when its semantics change):
+// 2 adds the probe signal (issue 14)
+#define FFNSKIP_CUDA_GATE_VERSION 2
 
 static __device__ __forceinline__ float ffnskip_nan() {
     return __int_as_float(0x7fc00000);
@@ -26,12 +27,16 @@ static __device__ __forceinline__ float ffnskip_nan() {
 // decode token's cosine are split over the block and reduced in shared memory,
 // in double as on the CPU (decisions then differ from the CPU only where the
 // residuals themselves differ). Layout of state, input and policy: row r holds
-// field r of every token (cpp/ffn-skip-ggml.h).
+// field r of every token (cpp/ffn-skip-ggml.h). The probe signal (issue 14):
+// s = -(w_il . hc_r / |hc_r| + b_il) on the input of FFN il, reduced the same
+// way, replaces c_last in the decision.
 static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_kernel(
         const float * __restrict__ in, const float * __restrict__ pol, const float * __restrict__ prev,
         const float * __restrict__ h, const float * __restrict__ o, float * __restrict__ d,
         const int n, const int L, const int il, const int tail, const int obs,
-        const int h_rows, const int dim, const int64_t h_stride, const int64_t o_stride) {
+        const int h_rows, const int dim, const int64_t h_stride, const int64_t o_stride,
+        const float * __restrict__ hc, const float * __restrict__ probe, const int hc_rows, const int64_t hc_stride,
+        const int64_t probe_stride) {
     __shared__ double s_xy[FFNSKIP_CUDA_BLOCK];
     __shared__ double s_xx[FFNSKIP_CUDA_BLOCK];
     __shared__ double s_yy[FFNSKIP_CUDA_BLOCK];
@@ -115,6 +120,49 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
                 }
             }
         }
+        // the probe signal of token t (uniform condition: the whole block
+        // reduces; the CPU evaluates it only when it is needed, same result)
+        float sig = clast;
+        if (hc != nullptr && !tail && pol[FFNSKIP_POL_SIGNAL] == 1.0f) {
+            sig = ffnskip_nan();
+            int r = -1;
+            if (mode[t] == 2.0f) {
+                if (hc_rows == n) {
+                    r = t;
+                } else {
+                    for (int q = 0; q < hc_rows; ++q) {
+                        if ((int) outidx[q] == t) {
+                            r = q;
+                            break;
+                        }
+                    }
+                }
+            }
+            if (r >= 0) {
+                const float * x = hc + r * hc_stride;
+                const float * w = probe + (int64_t) il * probe_stride;
+                double xw = 0.0, xx = 0.0;
+                for (int i = tid; i < dim; i += FFNSKIP_CUDA_BLOCK) {
+                    const double a = x[i];
+                    xw += a * (double) w[i];
+                    xx += a * a;
+                }
+                s_xy[tid] = xw;
+                s_xx[tid] = xx;
+                __syncthreads();
+#pragma unroll
+                for (int s = FFNSKIP_CUDA_BLOCK / 2; s > 0; s >>= 1) {
+                    if (tid < s) {
+                        s_xy[tid] += s_xy[tid + s];
+                        s_xx[tid] += s_xx[tid + s];
+                    }
+                    __syncthreads();
+                }
+                const double v = -(s_xy[0] / sqrt(s_xx[0]) + (double) w[dim]);
+                __syncthreads(); // s_* are reused by the next token
+                sig = isfinite(v) ? (float) v : ffnskip_nan();
+            }
+        }
         // the state machine: thread 0 alone (every thread stays in the loop,
         // so all of them meet the same barriers in the same order)
         if (tid == 0) {
@@ -130,7 +178,7 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
                     dec = 0.0f; run = 0.0f;
                 } else if (run != 0.0f && pol[FFNSKIP_POL_CONTINUE] != 0.0f && budget > 0.0f) {
                     dec = 1.0f; budget -= 1.0f;
-                } else if (runs < pol[FFNSKIP_POL_MAX_RUNS] && budget > 0.0f && clast > thr) {
+                } else if (runs < pol[FFNSKIP_POL_MAX_RUNS] && budget > 0.0f && sig > thr) {
                     dec = 1.0f; run = 1.0f; runs += 1.0f; budget -= 1.0f;
                 } else {
                     dec = 0.0f; run = 0.0f;
@@ -178,7 +226,20 @@ bool ffnskip_cuda_supports_gate(const ggml_tensor * op) {
             return false;
         }
     }
-    return op->src[5] == nullptr; // the probe signal (issue 14) has no CUDA kernel yet
+    const ggml_tensor * hc = op->src[5];
+    const ggml_tensor * pr = op->src[6];
+    if ((hc == nullptr) != (pr == nullptr)) {
+        return false;
+    }
+    if (hc != nullptr) {
+        // the probe signal (issue 14)
+        if (hc->type != GGML_TYPE_F32 || hc->nb[0] != sizeof(float) || hc->nb[1] % sizeof(float) != 0 ||
+            pr->type != GGML_TYPE_F32 || !ggml_is_contiguous(pr) || pr->ne[0] != hc->ne[0] + 1 ||
+            (h != nullptr && h->ne[0] != hc->ne[0])) {
+            return false;
+        }
+    }
+    return true;
 }
 
 void ggml_cuda_op_ffnskip_gate(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -187,6 +248,8 @@ void ggml_cuda_op_ffnskip_gate(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const ggml_tensor * prev = dst->src[2];
     const ggml_tensor * h    = dst->src[3];
     const ggml_tensor * o    = dst->src[4];
+    const ggml_tensor * hc   = dst->src[5]; // probe signal (issue 14): input of FFN il, or null
+    const ggml_tensor * prb  = dst->src[6]; // probe signal: F32 [d + 1, L], or null
     const int32_t il   = dst->op_params[FFNSKIP_OPP_IL];
     const int32_t tail = dst->op_params[FFNSKIP_OPP_TAIL];
     const int32_t obs  = dst->op_params[FFNSKIP_OPP_OBS];
@@ -205,11 +268,20 @@ void ggml_cuda_op_ffnskip_gate(ggml_backend_cuda_context & ctx, ggml_tensor * ds
         GGML_ASSERT(h->ne[0] == o->ne[0] && h->ne[1] == o->ne[1] && h->nb[0] == sizeof(float) && o->nb[0] == sizeof(float));
         GGML_ASSERT(h->ne[1] <= n && h->nb[1] % sizeof(float) == 0 && o->nb[1] % sizeof(float) == 0);
     }
+    GGML_ASSERT((hc == nullptr) == (prb == nullptr));
+    if (hc != nullptr) {
+        GGML_ASSERT(hc->type == GGML_TYPE_F32 && hc->nb[0] == sizeof(float) && hc->nb[1] % sizeof(float) == 0);
+        GGML_ASSERT(hc->ne[1] <= n);
+        GGML_ASSERT(prb->type == GGML_TYPE_F32 && ggml_is_contiguous(prb) && prb->ne[0] == hc->ne[0] + 1 && prb->ne[1] == L);
+        GGML_ASSERT(h == nullptr || h->ne[0] == hc->ne[0]); // one width for both reductions
+    }
     ffnskip_gate_kernel<<<1, FFNSKIP_CUDA_BLOCK, 0, ctx.stream()>>>(
         (const float *) in->data, (const float *) pol->data, prev ? (const float *) prev->data : nullptr,
         h ? (const float *) h->data : nullptr, o ? (const float *) o->data : nullptr, (float *) dst->data,
-        (int) n, L, il, tail, obs, h ? (int) h->ne[1] : 0, h ? (int) h->ne[0] : 0,
-        h ? (int64_t) (h->nb[1] / sizeof(float)) : 0, o ? (int64_t) (o->nb[1] / sizeof(float)) : 0);
+        (int) n, L, il, tail, obs, h ? (int) h->ne[1] : 0, h ? (int) h->ne[0] : hc ? (int) hc->ne[0] : 0,
+        h ? (int64_t) (h->nb[1] / sizeof(float)) : 0, o ? (int64_t) (o->nb[1] / sizeof(float)) : 0,
+        hc ? (const float *) hc->data : nullptr, prb ? (const float *) prb->data : nullptr, hc ? (int) hc->ne[1] : 0,
+        hc ? (int64_t) (hc->nb[1] / sizeof(float)) : 0, prb ? (int64_t) (prb->nb[1] / sizeof(float)) : 0);
     CUDA_CHECK(cudaGetLastError());
 }
 
@@ -251,6 +323,12 @@ static int32_t ffnskip_cuda_gate(void) {
     return FFNSKIP_CUDA_GATE_VERSION;
 }
 
+// Signals the gate kernel computes (bit i: enum ffnskip_signal value i):
+// cosine and probe (issue 14).
+static int32_t ffnskip_cuda_gate_signals(void) {
+    return (1 << 0) | (1 << 1); // FFNSKIP_SIGNAL_COSINE, FFNSKIP_SIGNAL_PROBE (cpp/ffn-skip.h)
+}
+
 void * ffnskip_cuda_reg_get_proc_address(ggml_backend_reg * reg, const char * name) {
     GGML_UNUSED(reg);
     if (name == nullptr) {
@@ -258,6 +336,9 @@ void * ffnskip_cuda_reg_get_proc_address(ggml_backend_reg * reg, const char * na
     }
     if (std::strcmp(name, "ffnskip_cuda_gate") == 0) {
         return (void *) ffnskip_cuda_gate;
+    }
+    if (std::strcmp(name, "ffnskip_gate_signals") == 0) {
+        return (void *) ffnskip_cuda_gate_signals;
     }
     if (std::strcmp(name, "ffnskip_cuda_graph_counts") == 0) {
         return (void *) ffnskip_cuda_graph_counts;

@@ -18,6 +18,8 @@ void ggml_vk_ffnskip_gate(ggml_backend_vk_context * ctx, vk_context & subctx, gg
     const ggml_tensor * prev = dst->src[2];
     const ggml_tensor * h    = dst->src[3];
     const ggml_tensor * o    = dst->src[4];
+    const ggml_tensor * hc   = dst->src[5]; // probe signal (issue 14): input of FFN il, or null
+    const ggml_tensor * prb  = dst->src[6]; // probe signal: F32 [d + 1, L], or null
     const int32_t L = dst->op_params[FFNSKIP_OPP_N_LAYER];
     GGML_ASSERT(dst->type == GGML_TYPE_F32 && ggml_is_contiguous(dst) && dst->ne[1] == FFNSKIP_STATE_ROWS(L));
     GGML_ASSERT(in->type == GGML_TYPE_F32 && ggml_is_contiguous(in) && pol->type == GGML_TYPE_F32 && ggml_is_contiguous(pol));
@@ -26,6 +28,13 @@ void ggml_vk_ffnskip_gate(ggml_backend_vk_context * ctx, vk_context & subctx, gg
     if (h != nullptr) {
         GGML_ASSERT(h->type == GGML_TYPE_F32 && o->type == GGML_TYPE_F32 && h->nb[0] == sizeof(float) && o->nb[0] == sizeof(float));
         GGML_ASSERT(h->nb[1] % sizeof(float) == 0 && o->nb[1] % sizeof(float) == 0);
+    }
+    GGML_ASSERT((hc == nullptr) == (prb == nullptr));
+    if (hc != nullptr) {
+        GGML_ASSERT(hc->type == GGML_TYPE_F32 && hc->nb[0] == sizeof(float) && hc->nb[1] % sizeof(float) == 0);
+        GGML_ASSERT(hc->ne[1] <= dst->ne[0]);
+        GGML_ASSERT(prb->type == GGML_TYPE_F32 && ggml_is_contiguous(prb) && prb->ne[0] == hc->ne[0] + 1 && prb->ne[1] == L);
+        GGML_ASSERT(h == nullptr || h->ne[0] == hc->ne[0]); // one width d for both reductions
     }
 
     vk_pipeline pipeline = ctx->device->pipeline_ffnskip_gate;
@@ -38,6 +47,8 @@ void ggml_vk_ffnskip_gate(ggml_backend_vk_context * ctx, vk_context & subctx, gg
     const vk_subbuffer prev_buf = prev ? ggml_vk_tensor_subbuffer(ctx, prev) : in_buf;
     const vk_subbuffer h_buf    = h ? ggml_vk_tensor_subbuffer(ctx, h) : in_buf;
     const vk_subbuffer o_buf    = o ? ggml_vk_tensor_subbuffer(ctx, o) : in_buf;
+    const vk_subbuffer hc_buf   = hc ? ggml_vk_tensor_subbuffer(ctx, hc) : in_buf;
+    const vk_subbuffer prb_buf  = prb ? ggml_vk_tensor_subbuffer(ctx, prb) : in_buf;
     const vk_subbuffer d_buf    = ggml_vk_tensor_subbuffer(ctx, dst);
 
     const vk_op_ffnskip_gate_push_constants pc = {
@@ -47,12 +58,17 @@ void ggml_vk_ffnskip_gate(ggml_backend_vk_context * ctx, vk_context & subctx, gg
         (uint32_t) dst->op_params[FFNSKIP_OPP_TAIL],
         dst->op_params[FFNSKIP_OPP_OBS],
         h ? (uint32_t) h->ne[1] : 0u,
-        h ? (uint32_t) h->ne[0] : 0u,
+        h ? (uint32_t) h->ne[0] : hc ? (uint32_t) hc->ne[0] : 0u,
         h ? (uint32_t) (h->nb[1] / sizeof(float)) : 0u,
         o ? (uint32_t) (o->nb[1] / sizeof(float)) : 0u,
         prev ? 1u : 0u,
+        hc ? (uint32_t) hc->ne[1] : 0u,
+        hc ? (uint32_t) (hc->nb[1] / sizeof(float)) : 0u,
+        prb ? (uint32_t) (prb->nb[1] / sizeof(float)) : 0u,
+        hc ? 1u : 0u,
     };
-    ggml_vk_dispatch_pipeline(ctx, subctx, pipeline, { in_buf, pol_buf, prev_buf, h_buf, o_buf, d_buf }, pc, { 1, 1, 1 });
+    ggml_vk_dispatch_pipeline(ctx, subctx, pipeline, { in_buf, pol_buf, prev_buf, h_buf, o_buf, d_buf, hc_buf, prb_buf },
+                              pc, { 1, 1, 1 });
 }
 
 // Which predicated mat-vec path a device takes that lavapipe (where the
@@ -69,10 +85,22 @@ static const char * ffnskip_vk_unverified_path(ggml_backend_dev_t dev) {
     return nullptr;
 }
 
+// Signals the gate kernel computes (bit i: enum ffnskip_signal value i):
+// cosine and probe (issue 14).
+static int32_t ffnskip_vk_gate_signals(void) {
+    return (1 << 0) | (1 << 1); // FFNSKIP_SIGNAL_COSINE, FFNSKIP_SIGNAL_PROBE (cpp/ffn-skip.h)
+}
+
 void * ffnskip_vk_reg_get_proc_address(ggml_backend_reg_t reg, const char * name) {
     GGML_UNUSED(reg);
-    if (name != nullptr && std::strcmp(name, "ffnskip_vk_unverified_path") == 0) {
+    if (name == nullptr) {
+        return nullptr;
+    }
+    if (std::strcmp(name, "ffnskip_vk_unverified_path") == 0) {
         return (void *) ffnskip_vk_unverified_path;
+    }
+    if (std::strcmp(name, "ffnskip_gate_signals") == 0) {
+        return (void *) ffnskip_vk_gate_signals;
     }
     return nullptr;
 }

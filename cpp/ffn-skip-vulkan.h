@@ -24,6 +24,10 @@ struct vk_op_ffnskip_gate_push_constants {
     uint32_t h_stride; // row stride of h, in floats
     uint32_t o_stride; // row stride of o, in floats
     uint32_t has_prev;
+    uint32_t hc_rows;      // probe signal (issue 14): rows of hc
+    uint32_t hc_stride;    // row stride of hc, in floats
+    uint32_t probe_stride; // row stride of the probe weights, in floats
+    uint32_t has_probe;
 };
 
 struct ggml_backend_vk_context;
@@ -35,5 +39,6 @@ struct ggml_backend_device;
 void ggml_vk_ffnskip_gate(ggml_backend_vk_context * ctx, vk_context & subctx, ggml_tensor * dst);
 #endif
 
-// backend registry's get_proc_address: "ffnskip_vk_unverified_path"
+// backend registry's get_proc_address: "ffnskip_vk_unverified_path",
+// "ffnskip_gate_signals"
 void * ffnskip_vk_reg_get_proc_address(struct ggml_backend_reg * reg, const char * name);

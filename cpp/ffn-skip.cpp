@@ -250,6 +250,28 @@ static bool ffnskip_on_host(const ggml_tensor * w) {
     return dev != nullptr && ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
 }
 
+// Whether the gate kernel of the backend that computes FFN weight w has the
+// signal (enum ffnskip_signal): the CPU op has all of them; a GPU backend
+// says which through its registry ("ffnskip_gate_signals": a bit per signal;
+// cpp/ffn-skip-vulkan.cpp, cpp/ffn-skip-cuda.cu). Backends built before a
+// signal existed have no such entry or lack the bit.
+static bool ffnskip_backend_has_signal(const ggml_tensor * w, int32_t signal) {
+    if (ffnskip_on_host(w)) {
+        return true;
+    }
+    if (w->buffer == nullptr) {
+        return false;
+    }
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(w->buffer));
+    ggml_backend_reg_t reg = dev != nullptr ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    if (reg == nullptr) {
+        return false;
+    }
+    typedef int32_t (*signals_fn)(void);
+    signals_fn fn = (signals_fn) ggml_backend_reg_get_proc_address(reg, "ffnskip_gate_signals");
+    return fn != nullptr && (fn() & (1 << signal)) != 0;
+}
+
 static void ffnskip_check_supported(ffnskip_context * fctx) {
     const llama_model & model = *fctx->model;
     fctx->supported = false;
@@ -405,9 +427,9 @@ int32_t ffnskip_set_signal(llama_context * ctx, int32_t signal, const float * we
             const llama_layer & layer = model.layers[il];
             for (const ggml_tensor * w : { layer.ffn_up, layer.ffn_gate, layer.ffn_down, layer.ffn_gate_inp,
                                            layer.ffn_up_exps, layer.ffn_gate_exps, layer.ffn_down_exps }) {
-                if (!ffnskip_on_host(w)) {
-                    ffnskip_err(err, err_len, "the probe signal runs on the CPU backend only (issue 14); FFN weight %s "
-                                "is on '%s'", ggml_get_name(w),
+                if (!ffnskip_backend_has_signal(w, FFNSKIP_SIGNAL_PROBE)) {
+                    ffnskip_err(err, err_len, "the probe signal has no gate kernel on the backend of FFN weight %s "
+                                "('%s'; it runs on the CPU, Vulkan and CUDA backends, issue 14)", ggml_get_name(w),
                                 w->buffer ? ggml_backend_buft_name(ggml_backend_buffer_get_type(w->buffer)) : "none");
                     return -1;
                 }

@@ -86,8 +86,9 @@ enum ffnskip_signal {
 // Sets the decision signal of ctx (takes effect at the next llama_decode;
 // changes the graph). PROBE: weights = n_layer x (n_embd + 1) floats, layer
 // by layer w_j (n_embd) then b_j; n their count; COSINE: weights NULL, n 0.
-// The probe runs on the CPU backend only: with FFN weights elsewhere it is
-// refused. Returns 0, or -1 with the reason in err (nothing changed).
+// The probe runs where the gate op has it (CPU, Vulkan, CUDA: the backend's
+// "ffnskip_gate_signals" registry entry); with FFN weights on a backend
+// without it, it is refused. Returns 0, or -1 with the reason in err (nothing changed).
 FFNSKIP_API int32_t ffnskip_set_signal(struct llama_context * ctx, int32_t signal, const float * weights, int64_t n,
                                        char * err, size_t err_len);
 FFNSKIP_API int32_t ffnskip_get_signal(struct llama_context * ctx);

@@ -9,7 +9,9 @@
 //    tokens, all tokens or only output rows observed, zero vectors and
 //    NaN/inf in the residual. Every state field and the trace must equal the
 //    CPU's, cosines within COS_TOL (fp32 vs double partial sums), and a token
-//    whose cosine is NaN never starts a run of skips.
+//    whose cosine is NaN never starts a run of skips. The same with the
+//    probe signal (issue 14): s = -(w . hc / |hc| + b) on a second residual
+//    hc (zero rows and NaN entries included) decides instead of c_last.
 //  - the predicated MUL_MAT (FFN up/gate/down) for f32, f16, q4_0, q4_1,
 //    q8_0, q4_K, q6_K weights at 1 and 4 tokens, alone and followed by the
 //    residual ADD (fused on backends that fuse): predicate off -> the
@@ -84,7 +86,12 @@ struct gate_case {
     int n, L, il, tail, obs, h_rows, d;
     bool has_prev;
     int special; // 0 random, 1 zero rows, 2 NaN entries, 3 inf entries
+    bool probe;  // the probe signal decides (src[5], src[6])
 };
+
+// decisions of the probe cases, over all of them: both kinds must occur, or
+// the probe cases test nothing
+static int g_probe_skips = 0, g_probe_runs = 0;
 
 static int test_gate(ggml_backend_t be, ggml_backend_t cpu, const gate_case & c, std::mt19937 & rng) {
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
@@ -101,8 +108,10 @@ static int test_gate(ggml_backend_t be, ggml_backend_t cpu, const gate_case & c,
     pol[FFNSKIP_POL_MAX_RUNS] = (float) (1 + rng() % 2);
     pol[FFNSKIP_POL_CONTINUE] = (float) (rng() % 2);
     const float thr_set[3] = { 0.5f, 0.9f, 0.995f };
+    const float thr_probe[3] = { -0.5f, 0.0f, 0.7f }; // probe scores are ~N(0, 1) here
+    pol[FFNSKIP_POL_SIGNAL] = c.probe ? 1.0f : 0.0f;
     for (int j = 0; j < L; ++j) {
-        pol[FFNSKIP_POL_LAYERS + j]         = thr_set[rng() % 3];
+        pol[FFNSKIP_POL_LAYERS + j]         = c.probe ? thr_probe[rng() % 3] : thr_set[rng() % 3];
         pol[FFNSKIP_POL_LAYERS + L + j]     = rng() % 5 == 0 ? 0.0f : 1.0f;
         pol[FFNSKIP_POL_LAYERS + 2 * L + j] = rng() % 7 == 0 ? 1.0f : 0.0f;
     }
@@ -138,6 +147,32 @@ static int test_gate(ggml_backend_t be, ggml_backend_t cpu, const gate_case & c,
             o[(size_t) r * c.d + (size_t) (rng() % c.d)] = r % 2 ? INFINITY : -INFINITY;
         }
     }
+    // the probe: hc (rows as h: all tokens, or the output tokens) and the
+    // weights F32 [d + 1, L], w ~ N(0, 1) so that w . u ~ N(0, 1) for unit u
+    const int hc_rows = c.obs >= 0 ? c.h_rows : n;
+    std::vector<float> hc, w;
+    if (c.probe) {
+        std::normal_distribution<float> g(0.0f, 1.0f);
+        hc.resize((size_t) c.d * hc_rows);
+        for (int r = 0; r < hc_rows; ++r) {
+            for (int i = 0; i < c.d; ++i) {
+                hc[(size_t) r * c.d + i] = u(rng);
+            }
+            if (c.special == 1 && r % 2 == 1) {
+                std::fill(hc.begin() + (size_t) r * c.d, hc.begin() + (size_t) (r + 1) * c.d, 0.0f);
+            }
+            if (c.special == 2 && r % 2 == 1) {
+                hc[(size_t) r * c.d + (size_t) (rng() % c.d)] = NAN;
+            }
+        }
+        w.resize((size_t) (c.d + 1) * L);
+        for (int j = 0; j < L; ++j) {
+            for (int i = 0; i < c.d; ++i) {
+                w[(size_t) j * (c.d + 1) + i] = g(rng);
+            }
+            w[(size_t) j * (c.d + 1) + c.d] = 0.1f * g(rng);
+        }
+    }
 
     auto build = [&](ggml_context * ctx, std::vector<ggml_tensor *> & ins, std::vector<ggml_tensor *> & outs) {
         ggml_tensor * t_in   = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n, FFNSKIP_INPUT_ROWS);
@@ -145,8 +180,14 @@ static int test_gate(ggml_backend_t be, ggml_backend_t cpu, const gate_case & c,
         ggml_tensor * t_prev = c.has_prev ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n, R) : nullptr;
         ggml_tensor * t_h    = c.obs >= 0 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, c.h_rows) : nullptr;
         ggml_tensor * t_o    = c.obs >= 0 ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, c.h_rows) : nullptr;
-        ins = { t_in, t_pol, t_prev, t_h, t_o };
-        outs = { ggml_ffnskip_gate(ctx, t_in, t_pol, t_prev, t_h, t_o, c.il, c.tail, c.obs, L) };
+        ggml_tensor * t_hc   = c.probe ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d, hc_rows) : nullptr;
+        ggml_tensor * t_w    = c.probe ? ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c.d + 1, L) : nullptr;
+        ins = { t_in, t_pol, t_prev, t_h, t_o, t_hc, t_w };
+        ggml_tensor * g = ggml_ffnskip_gate(ctx, t_in, t_pol, t_prev, t_h, t_o, c.il, c.tail, c.obs, L);
+        if (c.probe) {
+            ffnskip_gate_set_probe(g, t_hc, t_w);
+        }
+        outs = { g };
     };
     auto set = [&](std::vector<ggml_tensor *> & ins) {
         ggml_backend_tensor_set(ins[0], in.data(), 0, ggml_nbytes(ins[0]));
@@ -154,6 +195,8 @@ static int test_gate(ggml_backend_t be, ggml_backend_t cpu, const gate_case & c,
         if (ins[2]) ggml_backend_tensor_set(ins[2], prev.data(), 0, ggml_nbytes(ins[2]));
         if (ins[3]) ggml_backend_tensor_set(ins[3], h.data(), 0, ggml_nbytes(ins[3]));
         if (ins[4]) ggml_backend_tensor_set(ins[4], o.data(), 0, ggml_nbytes(ins[4]));
+        if (ins[5]) ggml_backend_tensor_set(ins[5], hc.data(), 0, ggml_nbytes(ins[5]));
+        if (ins[6]) ggml_backend_tensor_set(ins[6], w.data(), 0, ggml_nbytes(ins[6]));
     };
     const std::vector<float> a = run_graph(be, build, set, 1)[0];
     const std::vector<float> b = run_graph(cpu, build, set, 1)[0];
@@ -179,7 +222,7 @@ static int test_gate(ggml_backend_t be, ggml_backend_t cpu, const gate_case & c,
         }
     }
     // a NaN cosine never starts a run of skips
-    if (!c.tail) {
+    if (!c.tail && !c.probe) {
         for (int t = 0; t < n; ++t) {
             const float run_before = c.has_prev ? prev[FFNSKIP_ROW_RUN * n + t] : 0.0f;
             if (std::isnan(a[(size_t) FFNSKIP_ROW_CLAST * n + t]) && run_before == 0.0f &&
@@ -189,8 +232,16 @@ static int test_gate(ggml_backend_t be, ggml_backend_t cpu, const gate_case & c,
             }
         }
     }
-    printf("%s gate n=%d L=%d il=%d tail=%d obs=%d h_rows=%d d=%d prev=%d special=%d max_cos_err=%.2e\n",
-           bad ? "FAIL" : "OK", n, L, c.il, c.tail, c.obs, c.h_rows, c.d, c.has_prev ? 1 : 0, c.special, max_cos_err);
+    int n_skip = 0;
+    for (int t = 0; t < n && !c.tail; ++t) {
+        n_skip += a[(size_t) FFNSKIP_ROW_SKIP * n + t] == 1.0f;
+        if (c.probe && in[FFNSKIP_IN_MODE * n + t] == 2.0f) {
+            (a[(size_t) FFNSKIP_ROW_SKIP * n + t] == 1.0f ? g_probe_skips : g_probe_runs)++;
+        }
+    }
+    printf("%s gate%s n=%d L=%d il=%d tail=%d obs=%d h_rows=%d d=%d prev=%d special=%d skips=%d max_cos_err=%.2e\n",
+           bad ? "FAIL" : "OK", c.probe ? " probe" : "", n, L, c.il, c.tail, c.obs, c.h_rows, c.d, c.has_prev ? 1 : 0,
+           c.special, n_skip, max_cos_err);
     return bad ? 1 : 0;
 }
 
@@ -309,6 +360,15 @@ int main(int argc, char ** argv) {
         { 5, 6, 2, 0,  1, 5,  576, true,  2 }, // NaN in h
         { 5, 6, 3, 0,  2, 5,  576, true,  3 }, // inf in o
         { 4, 30, 7, 0, 6, 4,  576, true,  0 },
+        // the probe signal (issue 14)
+        { 1, 6, 2, 0,  1, 1,  576, true,  0, true },
+        { 1, 6, 1, 0, -1, 0,   64, false, 0, true }, // no observed layer: hc has every token
+        { 3, 6, 3, 0,  2, 3,  896, true,  0, true },
+        { 8, 6, 4, 0,  3, 8, 1000, true,  0, true },
+        { 8, 6, 5, 0,  4, 2,  576, true,  0, true }, // output rows only
+        { 6, 6, 2, 0,  1, 6,  576, true,  1, true }, // zero rows of hc: NaN, never a skip
+        { 6, 6, 3, 0,  2, 6,  576, true,  2, true }, // NaN in hc
+        { 8, 30, 12, 0, 11, 8, 576, true, 0, true },
     };
     for (int rep = 0; rep < 3; ++rep) {
         for (const gate_case & c : gates) {
@@ -316,6 +376,10 @@ int main(int argc, char ** argv) {
             total++;
         }
     }
+    printf("%s probe cases: %d gated decode tokens skipped, %d ran\n",
+           g_probe_skips > 0 && g_probe_runs > 0 ? "OK" : "FAIL", g_probe_skips, g_probe_runs);
+    failed += !(g_probe_skips > 0 && g_probe_runs > 0);
+    total++;
     const ggml_type types[] = { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0,
                                 GGML_TYPE_Q4_K, GGML_TYPE_Q6_K };
     // CUDA zeroes a skipped down projection on every matmul path (cuBLAS,

@@ -7,6 +7,8 @@
 // products of each decode token's cosine are split over the workgroup and
 // reduced in shared memory (fp32 partial sums; the CPU sums in double).
 // Layout of the state (row r = field r of every token): cpp/ffn-skip-ggml.h.
+// The probe signal (issue 14): s = -(w_il . hc_r / |hc_r| + b_il) on the
+// input of FFN il, reduced the same way, replaces c_last in the decision.
 
 #extension GL_EXT_control_flow_attributes : enable
 
@@ -18,6 +20,8 @@ layout (binding = 2) readonly buffer PREV {float data_prev[];};
 layout (binding = 3) readonly buffer H    {float data_h[];};
 layout (binding = 4) readonly buffer O    {float data_o[];};
 layout (binding = 5) buffer D             {float data_d[];};
+layout (binding = 6) readonly buffer HC   {float data_hc[];};
+layout (binding = 7) readonly buffer PRB  {float data_probe[];};
 
 layout (push_constant) uniform parameter {
     uint n;
@@ -30,6 +34,10 @@ layout (push_constant) uniform parameter {
     uint h_stride;
     uint o_stride;
     uint has_prev;
+    uint hc_rows;      // probe: rows of hc (all tokens, or the output tokens)
+    uint hc_stride;    // probe: row stride of hc, in floats
+    uint probe_stride; // probe: row stride of the weights (one row per layer), in floats
+    uint has_probe;
 } p;
 
 // rows of the state, input and policy (cpp/ffn-skip-ggml.h)
@@ -47,6 +55,7 @@ layout (push_constant) uniform parameter {
 #define POL_MAX_SKIP 0u
 #define POL_MAX_RUNS 1u
 #define POL_CONTINUE 2u
+#define POL_SIGNAL   3u
 #define POL_LAYERS   4u
 #define DEC_NONE     255.0
 
@@ -150,6 +159,50 @@ void main() {
                 }
             }
         }
+        // the probe signal of token t (uniform condition: the whole workgroup
+        // reduces; the CPU evaluates it only when it is needed, same result)
+        float sig = clast;
+        if (p.has_probe != 0u && p.tail == 0u && data_pol[POL_SIGNAL] == 1.0) {
+            sig = nan_f();
+            int r = -1;
+            if (mode == 2.0) {
+                if (p.hc_rows == n) {
+                    r = int(t);
+                } else {
+                    for (uint q = 0u; q < p.hc_rows; ++q) {
+                        if (uint(data_in[IN_OUT_IDX * n + q]) == t) {
+                            r = int(q);
+                            break;
+                        }
+                    }
+                }
+            }
+            if (r >= 0) {
+                float xw = 0.0, xx = 0.0;
+                const uint xb = uint(r) * p.hc_stride;
+                const uint wb = p.il * p.probe_stride;
+                for (uint i = tid; i < p.d; i += WG) {
+                    const float x = data_hc[xb + i];
+                    xw += x * data_probe[wb + i];
+                    xx += x * x;
+                }
+                s_xy[tid] = xw;
+                s_xx[tid] = xx;
+                barrier();
+                [[unroll]] for (uint s = WG / 2u; s > 0u; s >>= 1u) {
+                    if (tid < s) {
+                        s_xy[tid] += s_xy[tid + s];
+                        s_xx[tid] += s_xx[tid + s];
+                    }
+                    barrier();
+                }
+                xw = s_xy[0];
+                xx = s_xx[0];
+                barrier(); // s_* are reused by the next token
+                const float v = -(xw / sqrt(xx) + data_probe[wb + p.d]);
+                sig = finite_f(v) ? v : nan_f();
+            }
+        }
         // the state machine: thread 0 alone (every thread stays in the loop,
         // so all of them meet the same barriers in the same order)
         if (tid == 0u) {
@@ -165,7 +218,7 @@ void main() {
                     dec = 0.0; run = 0.0;
                 } else if (run != 0.0 && data_pol[POL_CONTINUE] != 0.0 && budget > 0.0) {
                     dec = 1.0; budget -= 1.0;
-                } else if (runs < data_pol[POL_MAX_RUNS] && budget > 0.0 && finite_f(clast) && clast > thr) {
+                } else if (runs < data_pol[POL_MAX_RUNS] && budget > 0.0 && finite_f(sig) && sig > thr) {
                     dec = 1.0; run = 1.0; runs += 1.0; budget -= 1.0;
                 } else {
                     dec = 0.0; run = 0.0;

@@ -58,8 +58,9 @@ class Llama(llama_cpp.Llama):
         ffn_remove_layers: FFN blocks left out of the graph (static removal).
         ffn_skip_signal: the gate's decision signal, ``"cosine"`` (c_last, the
             paper's; default) or ``"probe"`` (a per-layer linear probe on the
-            FFN's input, docs/QUALITY.md; CPU backend only: with FFN weights
-            on a GPU the model decodes dense with a warning). Usually from a
+            FFN's input, docs/QUALITY.md; on the CPU, Vulkan and CUDA
+            backends: with FFN weights on a backend whose gate has no probe
+            the model decodes dense with a warning). Usually from a
             calibrated file.
         ffn_skip_probe: the probe's weights, n_layer x (n_embd + 1) floats
             (w_j then b_j per layer); usually from a calibrated file.
@@ -172,9 +173,9 @@ class Llama(llama_cpp.Llama):
         try:
             policy.apply_signal(self._ffn_ctx, s)
         except ValueError as e:
-            if "CPU backend only" not in str(e) or not s.enabled:
+            if "has no gate kernel on the backend" not in str(e) or not s.enabled:
                 raise
-            # the probe has no GPU kernel yet: dense, with the reason (issue 14)
+            # the weights' backend has no probe kernel: dense, with the reason (issue 14)
             p.mode = _lib.FFNSKIP_MODE_OFF
             _lib.ffnskip_set_params(self._ffn_ctx, ctypes.byref(p), err, len(err))
             policy.apply_signal(self._ffn_ctx, policy.FfnSkipSettings(**{**s.__dict__, "signal": "cosine",
