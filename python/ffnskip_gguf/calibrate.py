@@ -237,7 +237,7 @@ class Calibrator:
 
     def __init__(self, path, *, corpus: list[str] | None = None, tokens: int = 3072, held_out_tokens: int = 2048,
                  sens_tokens: int = 32, chunk: int = 224, prefill: int = WARMUP, n_seq: int = 16, width: int = 2,
-                 n_threads: int | None = None, progress: bool = True, probe: bool = True, probe_positions: int = 48):
+                 n_threads: int | None = None, progress: bool = True, probe: bool = True, probe_positions: int = 32):
         if tokens < 16 or held_out_tokens < 16:
             raise CalibrationError("tokens and held_out_tokens must be at least 16")
         if width < 1:
@@ -595,14 +595,27 @@ class Calibrator:
             settings = {"ffn_skip_max_skip": 0, "ffn_skip_warmup": WARMUP}
             chosen = Trial("none", "none", [], 0.0, settings, "held_out", 0.0, 0.0, 1.0, len(nll_h))
         # comparisons at the chosen size: other placements, the paper's recipe at the same k
-        comps: list[Trial] = []
-        seen = {chosen.name}
+        # (every trial already measured on held-out text; else, per placement
+        # other than the chosen one, the trial nearest the chosen skip ratio
+        # within 0.02, and static removal: one held-out pass each keeps the
+        # 15-minute budget; with no setting chosen, every placement)
+        comps: list[Trial] = [h for name, h in held_done.items() if name != chosen.name]
+        seen = set(held_done) | {chosen.name}
+        near: dict[str, Trial] = {}
         for t in pool:
-            if t.name not in seen and (chosen.placement == "none" or abs(t.skip_ratio - chosen.skip_ratio) < 0.02
-                                       or t.placement == "static"):
-                seen.add(t.name)
-                comps.append(held_done.get(t.name) or
-                             self._measure(t.name, t.placement, t.layers, t.fraction, t.settings, "held_out"))
+            if t.name in seen or t.placement == chosen.placement:
+                continue
+            if chosen.placement == "none":
+                near[t.name] = t
+            elif t.placement == "static" or abs(t.skip_ratio - chosen.skip_ratio) < 0.02:
+                if any(c.placement == t.placement for c in comps):
+                    continue
+                b = near.get(t.placement)
+                if b is None or (abs(t.skip_ratio - chosen.skip_ratio), t.ppl_increase) < \
+                        (abs(b.skip_ratio - chosen.skip_ratio), b.ppl_increase):
+                    near[t.placement] = t
+        for t in near.values():
+            comps.append(self._measure(t.name, t.placement, t.layers, t.fraction, t.settings, "held_out"))
         # the paper's recipe (tau 0.95, fixed cold regions, continuation) on the
         # same held-out text: at the chosen k, and in budget mode k = 1, 2, ...
         # until it leaves the budget (the skip ratio it reaches within it)
