@@ -122,11 +122,12 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
         }
         // the probe signal of token t (uniform condition: the whole block
         // reduces; the CPU evaluates it only when it is needed, same result)
+        // (signal 1 without a probe wired: NaN, never a skip, as on the CPU)
         float sig = clast;
-        if (hc != nullptr && !tail && pol[FFNSKIP_POL_SIGNAL] == 1.0f) {
+        if (!tail && pol[FFNSKIP_POL_SIGNAL] == 1.0f) {
             sig = ffnskip_nan();
             int r = -1;
-            if (mode[t] == 2.0f) {
+            if (hc != nullptr && mode[t] == 2.0f) {
                 if (hc_rows == n) {
                     r = t;
                 } else {
@@ -234,7 +235,8 @@ bool ffnskip_cuda_supports_gate(const ggml_tensor * op) {
     if (hc != nullptr) {
         // the probe signal (issue 14)
         if (hc->type != GGML_TYPE_F32 || hc->nb[0] != sizeof(float) || hc->nb[1] % sizeof(float) != 0 ||
-            pr->type != GGML_TYPE_F32 || !ggml_is_contiguous(pr) || pr->ne[0] != hc->ne[0] + 1 ||
+            hc->ne[1] > op->ne[0] || pr->type != GGML_TYPE_F32 || !ggml_is_contiguous(pr) ||
+            pr->ne[0] != hc->ne[0] + 1 || pr->ne[1] != op->op_params[FFNSKIP_OPP_N_LAYER] ||
             (h != nullptr && h->ne[0] != hc->ne[0])) {
             return false;
         }

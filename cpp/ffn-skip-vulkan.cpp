@@ -12,6 +12,42 @@
 
 #include <cstring>
 
+bool ffnskip_vk_supports_gate(const ggml_tensor * op) {
+    const ggml_tensor * in  = op->src[0];
+    const ggml_tensor * pol = op->src[1];
+    const ggml_tensor * prv = op->src[2];
+    const ggml_tensor * h   = op->src[3];
+    const ggml_tensor * o   = op->src[4];
+    const ggml_tensor * hc  = op->src[5];
+    const ggml_tensor * prb = op->src[6];
+    const int32_t L = op->op_params[FFNSKIP_OPP_N_LAYER];
+    if (op->type != GGML_TYPE_F32 || !ggml_is_contiguous(op) || op->ne[1] != FFNSKIP_STATE_ROWS(L)) {
+        return false;
+    }
+    if (in == nullptr || pol == nullptr || in->type != GGML_TYPE_F32 || !ggml_is_contiguous(in) ||
+        pol->type != GGML_TYPE_F32 || !ggml_is_contiguous(pol)) {
+        return false;
+    }
+    if (prv != nullptr && !ggml_is_contiguous(prv)) {
+        return false;
+    }
+    if ((h == nullptr) != (o == nullptr) || (hc == nullptr) != (prb == nullptr)) {
+        return false;
+    }
+    for (const ggml_tensor * t : { h, o, hc }) {
+        if (t != nullptr && (t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float) || t->nb[1] % sizeof(float) != 0)) {
+            return false;
+        }
+    }
+    if (hc != nullptr) {
+        if (hc->ne[1] > op->ne[0] || prb->type != GGML_TYPE_F32 || !ggml_is_contiguous(prb) ||
+            prb->ne[0] != hc->ne[0] + 1 || prb->ne[1] != L || (h != nullptr && h->ne[0] != hc->ne[0])) {
+            return false;
+        }
+    }
+    return true;
+}
+
 void ggml_vk_ffnskip_gate(ggml_backend_vk_context * ctx, vk_context & subctx, ggml_tensor * dst) {
     const ggml_tensor * in   = dst->src[0];
     const ggml_tensor * pol  = dst->src[1];

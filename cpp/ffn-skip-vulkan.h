@@ -39,6 +39,9 @@ struct ggml_backend_device;
 void ggml_vk_ffnskip_gate(ggml_backend_vk_context * ctx, vk_context & subctx, ggml_tensor * dst);
 #endif
 
+// supports_op of GGML_OP_FFNSKIP_GATE: exactly what the dispatch asserts
+bool ffnskip_vk_supports_gate(const struct ggml_tensor * op);
+
 // backend registry's get_proc_address: "ffnskip_vk_unverified_path",
 // "ffnskip_gate_signals"
 void * ffnskip_vk_reg_get_proc_address(struct ggml_backend_reg * reg, const char * name);

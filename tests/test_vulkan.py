@@ -384,7 +384,9 @@ def test_probe_decisions_equal_the_python_emulation_on_vulkan(smollm2_path):
             got = bool(dec[j] == 1)
             if got != want:
                 assert abs(emu.clast - taus[j]) < 1e-4, (i, j, emu.clast, taus[j])
-                emu.run = got
+                # follow the gate (a fresh run: continuation is off here)
+                d = 1 if got else -1
+                emu.run, emu.runs, emu.budget = got, emu.runs + d, emu.budget - d
             n_skip += got
             n_run += not got and j >= 1
     st = r.stats()

@@ -161,11 +161,12 @@ void main() {
         }
         // the probe signal of token t (uniform condition: the whole workgroup
         // reduces; the CPU evaluates it only when it is needed, same result)
+        // (signal 1 without a probe wired: NaN, never a skip, as on the CPU)
         float sig = clast;
-        if (p.has_probe != 0u && p.tail == 0u && data_pol[POL_SIGNAL] == 1.0) {
+        if (p.tail == 0u && data_pol[POL_SIGNAL] == 1.0) {
             sig = nan_f();
             int r = -1;
-            if (mode == 2.0) {
+            if (p.has_probe != 0u && mode == 2.0) {
                 if (p.hc_rows == n) {
                     r = int(t);
                 } else {
@@ -199,7 +200,10 @@ void main() {
                 xw = s_xy[0];
                 xx = s_xx[0];
                 barrier(); // s_* are reused by the next token
-                const float v = -(xw / sqrt(xx) + data_probe[wb + p.d]);
+                // zero or non-finite rows give NaN: never a skip (guarded, not
+                // left to the driver's division by zero)
+                const bool ok = finite_f(xw) && finite_f(xx) && xx > 0.0;
+                const float v = ok ? -(xw / sqrt(xx) + data_probe[wb + p.d]) : nan_f();
                 sig = finite_f(v) ? v : nan_f();
             }
         }

@@ -595,25 +595,27 @@ class Calibrator:
             settings = {"ffn_skip_max_skip": 0, "ffn_skip_warmup": WARMUP}
             chosen = Trial("none", "none", [], 0.0, settings, "held_out", 0.0, 0.0, 1.0, len(nll_h))
         # comparisons at the chosen size: other placements, the paper's recipe at the same k
-        # (every trial already measured on held-out text; else, per placement
-        # other than the chosen one, the trial nearest the chosen skip ratio
-        # within 0.02, and static removal: one held-out pass each keeps the
-        # 15-minute budget; with no setting chosen, every placement)
+        # (every trial already measured on held-out text; else one trial per
+        # placement other than the chosen one: in budget mode its best within
+        # the budget on the search split (the candidate it would have been),
+        # else its trial nearest the chosen skip ratio; one held-out pass each
+        # keeps the 15-minute budget; with no setting chosen, every trial)
         comps: list[Trial] = [h for name, h in held_done.items() if name != chosen.name]
         seen = set(held_done) | {chosen.name}
         near: dict[str, Trial] = {}
-        for t in pool:
-            if t.name in seen or t.placement == chosen.placement:
-                continue
-            if chosen.placement == "none":
-                near[t.name] = t
-            elif t.placement == "static" or abs(t.skip_ratio - chosen.skip_ratio) < 0.02:
-                if any(c.placement == t.placement for c in comps):
+        if chosen.placement == "none":
+            near = {t.name: t for t in pool if t.name not in seen}
+        else:
+            order = cands if mode == "quality_budget" else []
+            dist = lambda t: (abs(t.skip_ratio - chosen.skip_ratio), t.ppl_increase)  # noqa: E731
+            for fam in dict.fromkeys(t.placement for t in pool):
+                if fam == chosen.placement or any(c.placement == fam for c in comps):
                     continue
-                b = near.get(t.placement)
-                if b is None or (abs(t.skip_ratio - chosen.skip_ratio), t.ppl_increase) < \
-                        (abs(b.skip_ratio - chosen.skip_ratio), b.ppl_increase):
-                    near[t.placement] = t
+                best = next((t for t in order if t.placement == fam), None)
+                if best is None:
+                    best = min((t for t in pool if t.placement == fam), key=dist)
+                if best.name not in seen:
+                    near[best.name] = best
         for t in near.values():
             comps.append(self._measure(t.name, t.placement, t.layers, t.fraction, t.settings, "held_out"))
         # the paper's recipe (tau 0.95, fixed cold regions, continuation) on the

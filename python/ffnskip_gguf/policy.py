@@ -405,7 +405,7 @@ def apply_signal(ctx, s: FfnSkipSettings) -> None:
     (``ffnskip_set_signal``): the probe only when the gate runs (adaptive
     mode), the cosine otherwise (dense and static removal never read it).
     Raises ValueError with the library's reason (wrong probe size for this
-    model, probe with FFN weights off the CPU)."""
+    model, probe with FFN weights on a backend whose gate kernel lacks it)."""
     import ctypes
 
     import numpy as np
