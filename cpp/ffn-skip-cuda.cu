@@ -21,6 +21,36 @@ static __device__ __forceinline__ float ffnskip_nan() {
     return __int_as_float(0x7fc00000);
 }
 
+// Row of token t (ffnskip_row_of in cpp/ffn-skip-ggml.h); -1: no row.
+static __device__ __forceinline__ int ffnskip_row_of_dev(const int t, const int n, const float * outidx, const int rows) {
+    if (rows == n) {
+        return t;
+    }
+    for (int q = 0; q < rows; ++q) {
+        if ((int) outidx[q] == t) {
+            return q;
+        }
+    }
+    return -1;
+}
+
+// Tree sum of the block's s_a[] and s_b[] (and s_c[] unless null) into
+// element 0; every thread must call it (it holds the barriers).
+static __device__ __forceinline__ void ffnskip_block_sum(double * s_a, double * s_b, double * s_c, const int tid) {
+    __syncthreads();
+#pragma unroll
+    for (int s = FFNSKIP_CUDA_BLOCK / 2; s > 0; s >>= 1) {
+        if (tid < s) {
+            s_a[tid] += s_a[tid + s];
+            s_b[tid] += s_b[tid + s];
+            if (s_c != nullptr) {
+                s_c[tid] += s_c[tid + s];
+            }
+        }
+        __syncthreads();
+    }
+}
+
 // Same semantics as ffnskip_gate_ref() (cpp/ffn-skip-ggml.h), the CPU op and
 // the reference of this kernel (cpp/test-ffnskip-ops.cpp). One block: the
 // tokens of the ubatch one after another; the three dot products of each
@@ -76,17 +106,7 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
         // uniform across the block: every thread reads the same values
         if (obs >= 0 && sk == 0.0f && is_decode) {
             // row of token t in h/o: all tokens, or (last layer) output tokens only
-            int r = -1;
-            if (h_rows == n) {
-                r = t;
-            } else {
-                for (int q = 0; q < h_rows; ++q) {
-                    if ((int) outidx[q] == t) {
-                        r = q;
-                        break;
-                    }
-                }
-            }
+            const int r = ffnskip_row_of_dev(t, n, outidx, h_rows);
             if (r >= 0) {
                 const float * x = h + r * h_stride;
                 const float * y = o + r * o_stride;
@@ -101,16 +121,7 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
                 s_xy[tid] = xy;
                 s_xx[tid] = xx;
                 s_yy[tid] = yy;
-                __syncthreads();
-#pragma unroll
-                for (int s = FFNSKIP_CUDA_BLOCK / 2; s > 0; s >>= 1) {
-                    if (tid < s) {
-                        s_xy[tid] += s_xy[tid + s];
-                        s_xx[tid] += s_xx[tid + s];
-                        s_yy[tid] += s_yy[tid + s];
-                    }
-                    __syncthreads();
-                }
+                ffnskip_block_sum(s_xy, s_xx, s_yy, tid);
                 // zero or non-finite residuals give NaN: never a skip (NaN > tau is false)
                 const double c = s_xy[0] / (sqrt(s_xx[0]) * sqrt(s_yy[0]));
                 __syncthreads(); // s_* are reused by the next token
@@ -126,19 +137,7 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
         float sig = clast;
         if (!tail && pol[FFNSKIP_POL_SIGNAL] == 1.0f) {
             sig = ffnskip_nan();
-            int r = -1;
-            if (hc != nullptr && mode[t] == 2.0f) {
-                if (hc_rows == n) {
-                    r = t;
-                } else {
-                    for (int q = 0; q < hc_rows; ++q) {
-                        if ((int) outidx[q] == t) {
-                            r = q;
-                            break;
-                        }
-                    }
-                }
-            }
+            const int r = hc != nullptr && mode[t] == 2.0f ? ffnskip_row_of_dev(t, n, outidx, hc_rows) : -1;
             if (r >= 0) {
                 const float * x = hc + r * hc_stride;
                 const float * w = probe + (int64_t) il * probe_stride;
@@ -150,15 +149,7 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
                 }
                 s_xy[tid] = xw;
                 s_xx[tid] = xx;
-                __syncthreads();
-#pragma unroll
-                for (int s = FFNSKIP_CUDA_BLOCK / 2; s > 0; s >>= 1) {
-                    if (tid < s) {
-                        s_xy[tid] += s_xy[tid + s];
-                        s_xx[tid] += s_xx[tid + s];
-                    }
-                    __syncthreads();
-                }
+                ffnskip_block_sum(s_xy, s_xx, nullptr, tid);
                 const double v = -(s_xy[0] / sqrt(s_xx[0]) + (double) w[dim]);
                 __syncthreads(); // s_* are reused by the next token
                 sig = isfinite(v) ? (float) v : ffnskip_nan();

@@ -176,6 +176,20 @@ static inline double ffnskip_cos_f64(const float * x, const float * y, int64_t d
     return xy / (sqrt(xx) * sqrt(yy));
 }
 
+// Row of token t in a tensor of `rows` rows holding all n tokens, or (last
+// layer) only the output tokens, in the order of outidx; -1: no row.
+static inline int64_t ffnskip_row_of(int64_t t, int64_t n, const float * outidx, int64_t rows) {
+    if (rows == n) {
+        return t;
+    }
+    for (int64_t q = 0; q < rows; ++q) {
+        if ((int64_t) outidx[q] == t) {
+            return q;
+        }
+    }
+    return -1;
+}
+
 // The probe signal of token t (issue 14, docs/QUALITY.md): s = -(w . hc_r /
 // |hc_r| + b), the negated predicted log damage of skipping this FFN, on row r
 // of hc (all tokens, or the output tokens only on the last layer). NaN when
@@ -185,17 +199,7 @@ static inline float ffnskip_probe_signal(int64_t t, int64_t n, const float * out
     if (probe_fn == NULL) {
         return NAN;
     }
-    int64_t r = -1;
-    if (hc_rows == n) {
-        r = t;
-    } else {
-        for (int64_t q = 0; q < hc_rows; ++q) {
-            if ((int64_t) outidx[q] == t) {
-                r = q;
-                break;
-            }
-        }
-    }
+    const int64_t r = ffnskip_row_of(t, n, outidx, hc_rows);
     if (r < 0) {
         return NAN;
     }
@@ -241,19 +245,8 @@ static inline void ffnskip_gate_ref(
             sk     = FFNSKIP_AT(prev, FFNSKIP_ROW_SKIP, t);
         }
         if (obs >= 0 && sk == 0.0f && is_decode) {
-            // cosine of layer obs (prefill tokens never gate: none needed); row
-            // of token t in h/o: all tokens, or (last layer) output tokens only
-            int64_t r = -1;
-            if (h_rows == n) {
-                r = t;
-            } else {
-                for (int64_t q = 0; q < h_rows; ++q) {
-                    if ((int64_t) outidx[q] == t) {
-                        r = q;
-                        break;
-                    }
-                }
-            }
+            // cosine of layer obs (prefill tokens never gate: none needed)
+            const int64_t r = ffnskip_row_of(t, n, outidx, h_rows);
             if (r >= 0) {
                 clast = (float) cos_fn(r, user);
                 FFNSKIP_AT(dst, FFNSKIP_ROW_TRACE + L + obs, t) = clast;
