@@ -100,13 +100,17 @@ def _scores(w, h):
     return -(w[:, :D].astype(np.float64) @ h / np.linalg.norm(h) + w[:, D])
 
 
-def test_probe_decisions_equal_the_python_emulation(smollm2_path):
+def probe_decisions_follow_the_emulation(r, cap, toks, tol=1e-4):
+    """Decode `toks` one by one with runner `r` twice: dense, to put each
+    layer's tau at its median probe score, then gated with the probe; every
+    gate decision must equal PolicyEmulation (tests/_oracle.py) fed with s_j
+    computed in double from h_j, the FFN input that the eval callback `cap`
+    read (cap.h: layer -> float64 [D]). A difference is allowed only within
+    `tol` of tau (the backend sums in another order or precision); the
+    emulation then follows the gate. Used by the CPU test below and by
+    tests/test_vulkan.py. Returns (skips, runs) over the middle layers."""
     w = _probe(1)
-    # thresholds at each layer's median probe score over a dense pass
-    cap = _H()
-    r = Runner(smollm2_path, cb=cap)
     r.set_policy(False)
-    toks = r.tokenize(PROSE + " the craft of bookmaking changed")
     r.clear()
     sc = []
     for i, t in enumerate(toks):
@@ -128,12 +132,20 @@ def test_probe_decisions_equal_the_python_emulation(smollm2_path):
             want = emu.decide(j)
             got = bool(dec[j] == 1)
             if got != want:
-                assert abs(emu.clast - taus[j]) < 1e-4, (i, j, emu.clast, taus[j])
+                assert abs(emu.clast - taus[j]) < tol, (i, j, emu.clast, taus[j])
                 # follow the gate (a fresh run: continuation is off here)
                 d = 1 if got else -1
                 emu.run, emu.runs, emu.budget = got, emu.runs + d, emu.budget - d
             n_skip += got
             n_run += not got and j >= 1
+    return n_skip, n_run
+
+
+def test_probe_decisions_equal_the_python_emulation(smollm2_path):
+    cap = _H()
+    r = Runner(smollm2_path, cb=cap)
+    toks = r.tokenize(PROSE + " the craft of bookmaking changed")
+    n_skip, n_run = probe_decisions_follow_the_emulation(r, cap, toks)
     r.close()
     assert n_skip > 0 and n_run > 0
 

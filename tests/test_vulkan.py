@@ -354,41 +354,12 @@ def test_probe_decisions_equal_the_python_emulation_on_vulkan(smollm2_path):
     run in Python with s_j computed (in double) from the Vulkan build's own
     residual stream; a difference is allowed only within 1e-4 of tau (the
     shader reduces in fp32)."""
-    from _oracle import PolicyEmulation
-    from test_probe import L, _probe, _scores, _settings
+    from test_probe import probe_decisions_follow_the_emulation
 
-    w = _probe(1)
     cap = _DeviceH()
     r = _vk(smollm2_path, cb=cap)
     toks = r.tokenize(PROSE)[:N_DEC]
-    # thresholds at each layer's median probe score over a dense pass
-    r.set_policy(False)
-    r.clear()
-    sc = []
-    for i, t in enumerate(toks):
-        r.decode([(t, i, 0, True)])
-        sc.append([_scores(w[j:j + 1], cap.h[j])[0] for j in range(L)])
-    taus = [float(x) for x in np.median(np.array(sc), axis=0)]
-    s = r.set_policy(True, **_settings(w, taus, ffn_skip_max_skip=8, ffn_skip_max_runs=3))
-    emu = PolicyEmulation(s, L)
-    r.clear()
-    n_skip = n_run = 0
-    for i, t in enumerate(toks):
-        cap.h.clear()
-        r.decode([(t, i, 0, True)])
-        dec = r.trace()[0][0]
-        emu.new_token(True)
-        for j in range(L):
-            emu.clast = _scores(w[j:j + 1], cap.h[j])[0] if j >= 1 else math.nan
-            want = emu.decide(j)
-            got = bool(dec[j] == 1)
-            if got != want:
-                assert abs(emu.clast - taus[j]) < 1e-4, (i, j, emu.clast, taus[j])
-                # follow the gate (a fresh run: continuation is off here)
-                d = 1 if got else -1
-                emu.run, emu.runs, emu.budget = got, emu.runs + d, emu.budget - d
-            n_skip += got
-            n_run += not got and j >= 1
+    n_skip, n_run = probe_decisions_follow_the_emulation(r, cap, toks)
     st = r.stats()
     r.close()
     assert st.supported, st.reason
