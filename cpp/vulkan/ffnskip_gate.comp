@@ -74,6 +74,43 @@ float nan_f() {
     return uintBitsToFloat(0x7fc00000u);
 }
 
+// the row of token t in a tensor holding rows_of_x rows: every token (row t)
+// or the output tokens only (the q-th output index); -1 when t has no row.
+// Same rule as ffnskip_row_of() in cpp/ffn-skip-ggml.h.
+int row_of(uint t, uint rows_of_x, uint n) {
+    if (rows_of_x == n) {
+        return int(t);
+    }
+    for (uint q = 0u; q < rows_of_x; ++q) {
+        if (uint(data_in[IN_OUT_IDX * n + q]) == t) {
+            return int(q);
+        }
+    }
+    return -1;
+}
+
+// the workgroup's sums of three per-thread partial sums (fp32, tree order);
+// called in uniform control flow only (it holds barriers); s_* are free again
+// when it returns
+void block_sum3(uint tid, inout float a, inout float b, inout float c) {
+    s_xy[tid] = a;
+    s_xx[tid] = b;
+    s_yy[tid] = c;
+    barrier();
+    [[unroll]] for (uint s = WG / 2u; s > 0u; s >>= 1u) {
+        if (tid < s) {
+            s_xy[tid] += s_xy[tid + s];
+            s_xx[tid] += s_xx[tid + s];
+            s_yy[tid] += s_yy[tid + s];
+        }
+        barrier();
+    }
+    a = s_xy[0];
+    b = s_xx[0];
+    c = s_yy[0];
+    barrier(); // s_* are reused by the next reduction
+}
+
 void main() {
     const uint tid  = gl_LocalInvocationID.x;
     const uint n    = p.n;
@@ -109,17 +146,7 @@ void main() {
         }
         // uniform across the workgroup: every thread reads the same values
         if (p.obs >= 0 && sk == 0.0 && is_decode) {
-            int r = -1;
-            if (p.h_rows == n) {
-                r = int(t);
-            } else {
-                for (uint q = 0u; q < p.h_rows; ++q) {
-                    if (uint(data_in[IN_OUT_IDX * n + q]) == t) {
-                        r = int(q);
-                        break;
-                    }
-                }
-            }
+            const int r = row_of(t, p.h_rows, n);
             if (r >= 0) {
                 float xy = 0.0, xx = 0.0, yy = 0.0;
                 const uint hb = uint(r) * p.h_stride;
@@ -131,22 +158,7 @@ void main() {
                     xx += x * x;
                     yy += y * y;
                 }
-                s_xy[tid] = xy;
-                s_xx[tid] = xx;
-                s_yy[tid] = yy;
-                barrier();
-                [[unroll]] for (uint s = WG / 2u; s > 0u; s >>= 1u) {
-                    if (tid < s) {
-                        s_xy[tid] += s_xy[tid + s];
-                        s_xx[tid] += s_xx[tid + s];
-                        s_yy[tid] += s_yy[tid + s];
-                    }
-                    barrier();
-                }
-                xy = s_xy[0];
-                xx = s_xx[0];
-                yy = s_yy[0];
-                barrier(); // s_* are reused by the next token
+                block_sum3(tid, xy, xx, yy);
                 // zero or non-finite residuals give NaN: never a skip
                 const bool ok = finite_f(xy) && finite_f(xx) && finite_f(yy) && xx > 0.0 && yy > 0.0;
                 float c = ok ? xy / (sqrt(xx) * sqrt(yy)) : nan_f();
@@ -165,19 +177,7 @@ void main() {
         float sig = clast;
         if (p.tail == 0u && data_pol[POL_SIGNAL] == 1.0) {
             sig = nan_f();
-            int r = -1;
-            if (p.has_probe != 0u && mode == 2.0) {
-                if (p.hc_rows == n) {
-                    r = int(t);
-                } else {
-                    for (uint q = 0u; q < p.hc_rows; ++q) {
-                        if (uint(data_in[IN_OUT_IDX * n + q]) == t) {
-                            r = int(q);
-                            break;
-                        }
-                    }
-                }
-            }
+            const int r = (p.has_probe != 0u && mode == 2.0) ? row_of(t, p.hc_rows, n) : -1;
             if (r >= 0) {
                 float xw = 0.0, xx = 0.0;
                 const uint xb = uint(r) * p.hc_stride;
@@ -187,19 +187,8 @@ void main() {
                     xw += x * data_probe[wb + i];
                     xx += x * x;
                 }
-                s_xy[tid] = xw;
-                s_xx[tid] = xx;
-                barrier();
-                [[unroll]] for (uint s = WG / 2u; s > 0u; s >>= 1u) {
-                    if (tid < s) {
-                        s_xy[tid] += s_xy[tid + s];
-                        s_xx[tid] += s_xx[tid + s];
-                    }
-                    barrier();
-                }
-                xw = s_xy[0];
-                xx = s_xx[0];
-                barrier(); // s_* are reused by the next token
+                float unused = 0.0;
+                block_sum3(tid, xw, xx, unused);
                 // zero or non-finite rows give NaN: never a skip (guarded, not
                 // left to the driver's division by zero)
                 const bool ok = finite_f(xw) && finite_f(xx) && xx > 0.0;
