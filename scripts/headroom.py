@@ -8,7 +8,10 @@ measure: D[t, j] and the signals (ffnskip_gguf.headroom) on the eval corpus
 calibration corpus (data/calib: training data for the probes); saved as
 OUT_DIR/cells-{eval,calib}.npz.
 analyse: the oracle / static / gate comparison validated by running, and the
-Spearman table of the signals; writes OUT_DIR/headroom.json.
+Spearman table of the signals; writes OUT_DIR/headroom.json (validated runs
+are cached in OUT_DIR/validated.json). --layer-order calib takes the
+per-layer sets from the calibration text (docs/QUALITY.md, "The layer set
+must be chosen without the test text").
 """
 from __future__ import annotations
 
@@ -192,8 +195,10 @@ def analyse(args):
                "cos_prev": -feats["cos_prev"], "random": rng.random((T, L))}
     rank_by = {k: v for k, v in rank_by.items() if k in args.perlayer_signals}
     per_layer = []
+    p_order = order if args.layer_order == "eval" else sorted(mid, key=lambda j: float(Kc[:, j].mean()))
+    res["perlayer_order"] = {"from": args.layer_order, "layers": p_order}
     for k in args.perlayer_sizes:
-        S = order[:k]
+        S = p_order[:k]
         for sname, M in rank_by.items():
             mask = np.zeros((T, L), bool)
             for j in S:
@@ -211,7 +216,8 @@ def analyse(args):
             **{key: _interp([(o["ratio"], o["inc"]) for o in sig if o["signal"] == key], b)
                for key in args.signal_keys},
         }
-    (out / "headroom.json").write_text(json.dumps(res, indent=1))
+    name = "headroom.json" if args.layer_order == "eval" else "headroom-calib-order.json"
+    (out / name).write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k.startswith("at_") or k.startswith("spearman_pooled")},
                      indent=1))
     for k, v in res["spearman"].items():
@@ -238,6 +244,10 @@ def main():
     ap.add_argument("--signal-keys", nargs="*", default=["probe_u", "probe_u+feats"])
     ap.add_argument("--perlayer-signals", nargs="*",
                     default=["oracle_D", "oracle_KL", "probe_u", "cos_prev", "random"])
+    ap.add_argument("--layer-order", choices=["eval", "calib"], default="eval",
+                    help="layer sets of the per-layer runs: cheapest by mean D on the eval text itself "
+                         "(in-sample, the first measurements) or by mean KL on the calibration text "
+                         "(chosen without the text they are scored on, as calibrate must)")
     args = ap.parse_args()
     if args.cmd == "measure":
         measure(args)
