@@ -11,7 +11,7 @@ analyse: the oracle / static / gate comparison validated by running, and the
 Spearman table of the signals; writes OUT_DIR/headroom.json (validated runs
 are cached in OUT_DIR/validated.json). --layer-order calib takes the
 per-layer sets from the calibration text (docs/QUALITY.md, "The layer set
-must be chosen without the test text").
+must be chosen without the test tokens").
 """
 from __future__ import annotations
 
