@@ -21,19 +21,6 @@ static __device__ __forceinline__ float ffnskip_nan() {
     return __int_as_float(0x7fc00000);
 }
 
-// Row of token t (ffnskip_row_of in cpp/ffn-skip-ggml.h); -1: no row.
-static __device__ __forceinline__ int ffnskip_row_of_dev(const int t, const int n, const float * outidx, const int rows) {
-    if (rows == n) {
-        return t;
-    }
-    for (int q = 0; q < rows; ++q) {
-        if ((int) outidx[q] == t) {
-            return q;
-        }
-    }
-    return -1;
-}
-
 // Tree sum of the block's s_a[] and s_b[] (and s_c[] unless null) into
 // element 0; every thread must call it (it holds the barriers).
 static __device__ __forceinline__ void ffnskip_block_sum(double * s_a, double * s_b, double * s_c, const int tid) {
@@ -106,7 +93,7 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
         // uniform across the block: every thread reads the same values
         if (obs >= 0 && sk == 0.0f && is_decode) {
             // row of token t in h/o: all tokens, or (last layer) output tokens only
-            const int r = ffnskip_row_of_dev(t, n, outidx, h_rows);
+            const int r = (int) ffnskip_row_of(t, n, outidx, h_rows);
             if (r >= 0) {
                 const float * x = h + r * h_stride;
                 const float * y = o + r * o_stride;
@@ -137,7 +124,7 @@ static __global__ void __launch_bounds__(FFNSKIP_CUDA_BLOCK, 1) ffnskip_gate_ker
         float sig = clast;
         if (!tail && pol[FFNSKIP_POL_SIGNAL] == 1.0f) {
             sig = ffnskip_nan();
-            const int r = hc != nullptr && mode[t] == 2.0f ? ffnskip_row_of_dev(t, n, outidx, hc_rows) : -1;
+            const int r = hc != nullptr && mode[t] == 2.0f ? (int) ffnskip_row_of(t, n, outidx, hc_rows) : -1;
             if (r >= 0) {
                 const float * x = hc + r * hc_stride;
                 const float * w = probe + (int64_t) il * probe_stride;

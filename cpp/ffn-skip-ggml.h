@@ -176,9 +176,16 @@ static inline double ffnskip_cos_f64(const float * x, const float * y, int64_t d
     return xy / (sqrt(xx) * sqrt(yy));
 }
 
+// host and device (cpp/ffn-skip-cuda.cu calls the same lookup in its kernel)
+#ifdef __CUDACC__
+#define FFNSKIP_HOST_DEVICE __host__ __device__
+#else
+#define FFNSKIP_HOST_DEVICE
+#endif
+
 // Row of token t in a tensor of `rows` rows holding all n tokens, or (last
 // layer) only the output tokens, in the order of outidx; -1: no row.
-static inline int64_t ffnskip_row_of(int64_t t, int64_t n, const float * outidx, int64_t rows) {
+FFNSKIP_HOST_DEVICE static inline int64_t ffnskip_row_of(int64_t t, int64_t n, const float * outidx, int64_t rows) {
     if (rows == n) {
         return t;
     }
