@@ -1,5 +1,6 @@
 """Shared fixtures: real models (DESIGN.md section 7) and the stock llama.cpp
-reference build (same pin, same CMake flags, no patches, no cpp/)."""
+reference build (same pin, same CMake flags, no cpp/, only the patches of
+patches/series marked "stock": upstream fixes)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def gemma_path() -> str:
 
 
 def build_stock(build_root: Path) -> Path:
-    """Build llama.cpp of the pin without our patches (FFNSKIP_STOCK=ON) with
+    """Build llama.cpp of the pin without our hooks (FFNSKIP_STOCK=ON: only the
+    upstream fixes of patches/series) with
     the same CMakeLists and flags as the package; return its lib directory."""
     build_dir = build_root / "stock"
     prefix = build_root / "stock-install"
