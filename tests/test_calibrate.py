@@ -10,6 +10,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType
 
@@ -327,3 +328,30 @@ def test_calibrations_without_the_record_still_load(calibrated, tmp_path, capsys
     assert "not recorded" in capsys.readouterr().out
     assert cli_main(["inspect", str(out)]) == 0
     assert "fits this model            matches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layers,static", [([], False), ([5], False), ([5, 9], True)],
+                         ids=["dense", "fixed", "static"])
+def test_batched_removal_scores_like_one_token_decoding(smollm2_path, layers, static):
+    """Calibrator.score_removed (the search's fixed and static trials, in
+    batches of positions) gives Evaluator.score's numbers under the fixed gate
+    or static removal, token for token in the same order (bit for bit on
+    SmolLM2 here; kernels of other quantizations may round batched ubatches
+    differently, hence the tolerance)."""
+    cal = Calibrator(smollm2_path, tokens=256, held_out_tokens=16, chunk=96, n_seq=4, progress=False,
+                     n_threads=N_THREADS)
+    try:
+        nb, tb = cal.score_removed(cal.search, layers, prefill_too=static)
+        if static:
+            cal.r.set_policy("static", ffn_remove_layers=layers)
+        elif layers:
+            cal.r.set_policy(True, **cal.fixed_settings(layers))
+        else:
+            cal.r.set_policy(False)
+        nd, td = cal.ev.score(cal.search)
+    finally:
+        cal.close()
+    assert len(nb) == len(nd) == 256
+    assert abs(float((nb - nd).mean())) < 1e-3
+    assert float(np.corrcoef(nb, nd)[0, 1]) > 0.999
+    assert float((tb == td).mean()) >= 0.99
