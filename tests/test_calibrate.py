@@ -355,3 +355,41 @@ def test_batched_removal_scores_like_one_token_decoding(smollm2_path, layers, st
     assert abs(float((nb - nd).mean())) < 1e-3
     assert float(np.corrcoef(nb, nd)[0, 1]) > 0.999
     assert float((tb == td).mean()) >= 0.99
+
+
+def test_trials_over_the_same_chunks_keep_the_prompt_kv_and_give_the_same_numbers(smollm2_path):
+    """Runner.prompt keeps the previous trial's prompt KV entries when the
+    prompts and the FFN removal are the same (the gate acts on decode tokens
+    only): a trial scored after others equals the same trial on a fresh
+    cache, bit for bit; static removal changes the prompt and is not kept."""
+    cal = Calibrator(smollm2_path, tokens=128, held_out_tokens=16, chunk=96, n_seq=4, progress=False,
+                     n_threads=N_THREADS)
+    try:
+        r = cal.r
+
+        def gate():
+            r.set_policy(True, **cal.gate_settings([5, 9], {5: 0.9, 9: 0.9}))
+            return cal.ev.score(cal.search)
+
+        def static():
+            r.set_policy("static", ffn_remove_layers=[5])
+            return cal.ev.score(cal.search)
+
+        r.clear()
+        fresh_gate = gate()
+        r.clear()
+        fresh_static = static()
+        r.clear()
+        kept0 = r.n_prompts_kept
+        gate()                                    # fills the cache
+        b = cal.score_removed(cal.search, [7], prefill_too=False)  # keeps it
+        again = gate()                            # keeps it
+        assert r.n_prompts_kept == kept0 + 2
+        after_static = static()                   # another prompt: decoded again
+        assert r.n_prompts_kept == kept0 + 2
+        r.clear()
+        fresh_b = cal.score_removed(cal.search, [7], prefill_too=False)
+    finally:
+        cal.close()
+    for x, y in ((again, fresh_gate), (after_static, fresh_static), (b, fresh_b)):
+        assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])

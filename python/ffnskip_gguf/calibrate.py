@@ -369,12 +369,11 @@ class Calibrator:
         tops: list[np.ndarray] = []
         for g in range(0, len(chunks), n_seq):
             group = chunks[g:g + n_seq]
-            r.clear()
             if prefill_too:
                 r.set_policy(removed[0], **removed[1])
             else:
                 r.set_policy(False)
-            last = r.decode([(tok, i, s, i == P - 1) for s, c in enumerate(group) for i, tok in enumerate(c[:P])])
+            last = r.prompt([c[:P] for c in group])
             r.set_policy(removed[0], **removed[1])
             # logits row of (position i, sequence s) predicts token i + 1
             items = [(c[i], i, s, True) for s, c in enumerate(group) for i in range(P, len(c) - 1)]

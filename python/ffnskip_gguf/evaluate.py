@@ -303,9 +303,7 @@ class Evaluator:
         bar = self._bar(sum(len(c) - P for c in chunks), "perplexity")
         for g in range(0, len(chunks), self.n_seq):
             group = chunks[g:g + self.n_seq]
-            r.clear()
-            items = [(tok, i, s, i == P - 1) for s, c in enumerate(group) for i, tok in enumerate(c[:P])]
-            logits = r.decode(items)
+            logits = r.prompt([c[:P] for c in group])  # kept from the previous trial when the same
             last = {s: logits[s] for s in range(len(group))}
             for i in range(P, max(len(c) for c in group)):
                 active = [s for s, c in enumerate(group) if i < len(c)]

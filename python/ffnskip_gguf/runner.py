@@ -84,6 +84,9 @@ class Runner:
         self.n_layer = llama_cpp.llama_model_n_layer(self.model)
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
+        self._prompt_cache = None   # (prompts and removal settings, logits): Runner.prompt
+        self._prefill_key: tuple[int, ...] = ()
+        self.n_prompts_kept = 0     # Runner.prompt calls that kept the previous prompts' KV
 
     def _check(self):
         if not getattr(self, "ctx", None):
@@ -163,6 +166,8 @@ class Runner:
     def apply(self, s: policy.FfnSkipSettings) -> None:
         self._check()
         p = policy.to_c(s)
+        # what a prompt's KV depends on (Runner.prompt): removed FFNs, unless off
+        self._prefill_key = () if s.mode == "off" else tuple(sorted(int(j) for j in s.remove_layers))
         err = ctypes.create_string_buffer(256)
         old = _lib.ffnskip_params()
         _lib.ffnskip_get_params(self.ctx, ctypes.byref(old))
@@ -181,7 +186,40 @@ class Runner:
     def clear(self):
         """Forget every sequence (KV cache)."""
         self._check()
+        self._prompt_cache = None
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def prompt(self, prompts: list[list[int]]) -> np.ndarray:
+        """Put ``prompts[s]`` in the KV cache as sequence s (positions 0..,
+        nothing after them, no other sequence) and return the logits of each
+        prompt's last token, float32 [len(prompts), n_vocab].
+
+        When the previous call had the same prompts under the same FFN removal
+        (``ffn_remove_layers``, the only setting that changes a prompt: the
+        gate acts on decode tokens alone, DESIGN.md section 3) and nothing
+        cleared the cache since, its KV entries are kept and only the
+        positions decoded after them are removed (``llama_memory_seq_rm``):
+        trials over the same chunks then pay for their prompts once. Else
+        the cache is cleared and the prompts decoded in one batch.
+        tests/test_calibrate.py checks that both give the same numbers.
+
+        Raises ValueError for an empty prompt or more prompts than n_seq_max.
+        """
+        self._check()
+        if len(prompts) > self.n_seq_max or any(len(p) == 0 for p in prompts):
+            raise ValueError(f"need 1..{self.n_seq_max} non-empty prompts")
+        key = (tuple(tuple(int(t) for t in p) for p in prompts), self._prefill_key)
+        cached = getattr(self, "_prompt_cache", None)
+        if cached is not None and cached[0] == key:
+            mem = llama_cpp.llama_get_memory(self.ctx)
+            for s in range(self.n_seq_max):
+                llama_cpp.llama_memory_seq_rm(mem, s, len(prompts[s]) if s < len(prompts) else -1, -1)
+            self.n_prompts_kept += 1
+            return cached[1]
+        self.clear()
+        logits = self.decode([(tok, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, tok in enumerate(p)])
+        self._prompt_cache = (key, logits)
+        return logits
 
     def decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
         """Decode ``items`` = (token, pos, seq_id, want_logits), in order, in
