@@ -338,20 +338,22 @@ def test_batched_removal_scores_like_one_token_decoding(smollm2_path, layers, st
     or static removal, token for token in the same order (bit for bit on
     SmolLM2 here; kernels of other quantizations may round batched ubatches
     differently, hence the tolerance)."""
-    cal = Calibrator(smollm2_path, tokens=256, held_out_tokens=16, chunk=96, n_seq=4, progress=False,
+    cal = Calibrator(smollm2_path, tokens=256, held_out_tokens=16, chunk=96, n_seq=3, progress=False,
                      n_threads=N_THREADS)
     try:
-        nb, tb = cal.score_removed(cal.search, layers, prefill_too=static)
+        # two groups of sequences, the last chunk shorter than the others
+        chunks = cal.search[:3] + [cal.search[3][:50]]
+        nb, tb = cal.score_removed(chunks, layers, prefill_too=static)
         if static:
             cal.r.set_policy("static", ffn_remove_layers=layers)
         elif layers:
             cal.r.set_policy(True, **cal.fixed_settings(layers))
         else:
             cal.r.set_policy(False)
-        nd, td = cal.ev.score(cal.search)
+        nd, td = cal.ev.score(chunks)
     finally:
         cal.close()
-    assert len(nb) == len(nd) == 256
+    assert len(nb) == len(nd) == 3 * 64 + 18
     assert abs(float((nb - nd).mean())) < 1e-3
     assert float(np.corrcoef(nb, nd)[0, 1]) > 0.999
     assert float((tb == td).mean()) >= 0.99
@@ -393,3 +395,26 @@ def test_trials_over_the_same_chunks_keep_the_prompt_kv_and_give_the_same_number
         cal.close()
     for x, y in ((again, fresh_gate), (after_static, fresh_static), (b, fresh_b)):
         assert np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1])
+
+
+def test_a_decode_outside_the_kept_prompts_drops_them(smollm2_path):
+    """Runner.prompt keeps prompts only while nothing else was decoded next to
+    them: a decode on another sequence (or inside a prompt, which llama.cpp
+    refuses anyway) makes the next call decode the prompts again."""
+    cal = Calibrator(smollm2_path, tokens=128, held_out_tokens=16, chunk=96, n_seq=4, progress=False,
+                     n_threads=N_THREADS)
+    try:
+        r = cal.r
+        prompts = [c[:32] for c in cal.search]
+        first = r.prompt(prompts)
+        kept = r.n_prompts_kept
+        r.prompt(prompts)
+        assert r.n_prompts_kept == kept + 1
+        assert len(prompts) < 4
+        r.decode([(prompts[0][5], 0, 3, False)])   # another sequence
+        again = r.prompt(prompts)
+        assert r.n_prompts_kept == kept + 1          # decoded again, not kept
+        assert np.array_equal(first, again)
+        assert not again.flags.writeable
+    finally:
+        cal.close()

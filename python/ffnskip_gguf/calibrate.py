@@ -7,7 +7,8 @@ why that is not enough: single FFNs in the middle of a model can be fatal
 (Gemma3-270M layer 3), cheap ones are scattered (Qwen2.5-0.5B layers 3, 4, 9,
 10), and single-layer costs do not add up. So calibration *measures
 combinations* on text, teacher-forced, with the gate acting exactly as in
-generation (``Evaluator.score``: one token per sequence per decode).
+generation (``Evaluator.score``: one token per sequence per decode; trials
+where every token skips the same layers in batches of positions, step 3).
 
 The rule (every number is a default of ``calibrate``):
 
@@ -24,7 +25,8 @@ The rule (every number is a default of ``calibrate``):
    layer, bit-identical to dense) records each decode token's cos(h_j, o_j)
    for every layer (mean, p10, p90 go into the report) and the dense
    next-token NLL and top-1 prediction every later trial is compared with
-   (paired: the proxy is ``exp(mean(NLL - NLL_dense)) - 1``, the relative
+   (paired, against the dense pass scored the same way, step 3: the proxy is
+   ``exp(mean(NLL - NLL_dense)) - 1``, the relative
    perplexity increase, plus top-1 agreement with dense; "within budget" on
    the search split means one standard error of the paired mean above it).
 3. Single-layer sensitivity: each layer 1..L-1 skipped alone on every decode
@@ -242,8 +244,8 @@ class Calibrator:
             that many decode positions per chunk.
         batched: score the fixed and static trials (every token skips the
             same layers) in batches of positions (``score_removed``) rather
-            than one decode per position: same numbers up to rounding, the
-            search about 1.4x faster (docs/CALIBRATION.md, "Time").
+            than one decode per position: same numbers up to rounding,
+            about 1.6x faster per token (docs/CALIBRATION.md, rule step 3).
     Raises:
         ModelFileError: not a loadable GGUF; CalibrationError: architecture or
         backend without the gate, or a corpus too small for both splits.
@@ -359,6 +361,12 @@ class Calibrator:
         prediction depends only on the positions before it, so the order of
         evaluation changes nothing else. An empty ``layers`` is dense.
 
+        Matches the fixed gate only when ``prefill`` covers the warm-up (the
+        constructor checks it) and layer 0 is not in ``layers``. Leaves the
+        removal policy in effect and the gate's statistics as they were
+        (the caller knows the skip ratio: len(layers) / L). Prompts are kept
+        between calls when they can be (``Runner.prompt``).
+
         Returns (nll, argmax) in ``Evaluator.score``'s order (chunk group,
         position, sequence).
         """
@@ -382,13 +390,15 @@ class Calibrator:
             n_, t_ = self._nll_top(last, [c[P] for c in group])
             for s in range(len(group)):
                 nll[(P - 1, s)], top[(P - 1, s)] = n_[s], t_[s]
-            step = max(n_seq, r.n_batch)
-            for a in range(0, len(items), step):
-                part = items[a:a + step]
-                rows = r.decode(part)
-                n_, t_ = self._nll_top(rows, [group[s][i + 1] for _, i, s, _ in part])
-                for q, (_, i, s, _) in enumerate(part):
-                    nll[(i, s)], top[(i, s)] = n_[q], t_[q]
+            for a in range(0, len(items), r.n_batch):
+                part = items[a:a + r.n_batch]
+                rows = r.decode(part)  # float32 [n_batch, n_vocab]
+                for b in range(0, len(part), 64):  # float64 copies of 64 rows at a time
+                    sub = part[b:b + 64]
+                    n_, t_ = self._nll_top(rows[b:b + 64], [group[s][i + 1] for _, i, s, _ in sub])
+                    for q, (_, i, s, _) in enumerate(sub):
+                        nll[(i, s)], top[(i, s)] = n_[q], t_[q]
+                del rows
             for i in range(P - 1, max(len(c) for c in group) - 1):
                 active = [s for s, c in enumerate(group) if i + 1 < len(c)]
                 nlls.append(np.array([nll[(i, s)] for s in active]))
@@ -533,7 +543,10 @@ class Calibrator:
         L = self.L
         secs: dict[str, float] = {}
         self.trials: list[Trial] = []
-        notes: list[str] = []
+        notes: list[str] = [
+            "search and single-layer splits: fixed and static trials scored in batches of positions against a "
+            "dense pass scored the same way (Calibrator.score_removed); gated trials and every held-out number "
+            "one token per decode" if self.batched else "every trial scored one token per decode"]
 
         t0 = time.perf_counter()
         self._log(f"dense pass: {len(self.search)} search chunks, {len(self.held)} held-out chunks")

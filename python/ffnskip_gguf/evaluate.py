@@ -286,7 +286,8 @@ class Evaluator:
         """Teacher-forced scoring of ``chunks`` under the policy in effect.
 
         Every chunk's first ``prefill`` tokens are its prompt (one ubatch,
-        dense), every later token is decoded alone for its sequence, up to
+        dense; kept from the previous call when the same, ``Runner.prompt``,
+        bit-identical), every later token is decoded alone for its sequence, up to
         ``n_seq`` sequences per ``llama_decode`` (the gate acts as in
         generation). ``step_hook`` runs before every decode step (random
         baseline), ``after_decode(runner)`` after every decode of gated tokens

@@ -167,7 +167,7 @@ class Runner:
         self._check()
         p = policy.to_c(s)
         # what a prompt's KV depends on (Runner.prompt): removed FFNs, unless off
-        self._prefill_key = () if s.mode == "off" else tuple(sorted(int(j) for j in s.remove_layers))
+        key = () if s.mode == "off" else tuple(sorted(int(j) for j in s.remove_layers))
         err = ctypes.create_string_buffer(256)
         old = _lib.ffnskip_params()
         _lib.ffnskip_get_params(self.ctx, ctypes.byref(old))
@@ -178,13 +178,14 @@ class Runner:
         except ValueError:
             _lib.ffnskip_set_params(self.ctx, ctypes.byref(old), err, 256)  # nothing changes
             raise
+        self._prefill_key = key
 
     def reset_stats(self) -> None:
         self._check()
         _lib.ffnskip_reset_stats(self.ctx)
 
     def clear(self):
-        """Forget every sequence (KV cache)."""
+        """Forget every sequence (KV cache) and the kept prompts (``prompt``)."""
         self._check()
         self._prompt_cache = None
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
@@ -199,26 +200,38 @@ class Runner:
         gate acts on decode tokens alone, DESIGN.md section 3) and nothing
         cleared the cache since, its KV entries are kept and only the
         positions decoded after them are removed (``llama_memory_seq_rm``):
-        trials over the same chunks then pay for their prompts once. Else
-        the cache is cleared and the prompts decoded in one batch.
-        tests/test_calibrate.py checks that both give the same numbers.
+        trials over the same chunks then pay for their prompts once
+        (``n_prompts_kept`` counts these calls; only the last call's prompts
+        are kept, so a split of more than ``n_seq_max`` chunks gains
+        nothing). Else the cache is cleared and the prompts decoded in one
+        batch. Kept only when every prompt has at least 2 tokens and all fit
+        in one batch of ``n_batch`` (a sequence's single token in a batch
+        counts as a decode token for the gate); a ``decode`` at a position
+        inside a kept prompt, or a failed removal, drops them. Other changes
+        of the KV cache through llama.cpp directly are not seen: call
+        ``clear`` after them. tests/test_calibrate.py checks that kept and
+        fresh prompts give the same numbers, bit for bit.
 
+        Returns a read-only array (shared with later calls that keep it).
         Raises ValueError for an empty prompt or more prompts than n_seq_max.
         """
         self._check()
-        if len(prompts) > self.n_seq_max or any(len(p) == 0 for p in prompts):
+        if not 1 <= len(prompts) <= self.n_seq_max or any(len(p) == 0 for p in prompts):
             raise ValueError(f"need 1..{self.n_seq_max} non-empty prompts")
         key = (tuple(tuple(int(t) for t in p) for p in prompts), self._prefill_key)
-        cached = getattr(self, "_prompt_cache", None)
+        cached = self._prompt_cache
         if cached is not None and cached[0] == key:
             mem = llama_cpp.llama_get_memory(self.ctx)
-            for s in range(self.n_seq_max):
-                llama_cpp.llama_memory_seq_rm(mem, s, len(prompts[s]) if s < len(prompts) else -1, -1)
-            self.n_prompts_kept += 1
-            return cached[1]
+            ok = all(llama_cpp.llama_memory_seq_rm(mem, s, len(prompts[s]) if s < len(prompts) else -1, -1)
+                     for s in range(self.n_seq_max))
+            if ok:
+                self.n_prompts_kept += 1
+                return cached[1]
         self.clear()
         logits = self.decode([(tok, i, s, i == len(p) - 1) for s, p in enumerate(prompts) for i, tok in enumerate(p)])
-        self._prompt_cache = (key, logits)
+        logits.setflags(write=False)
+        if min(len(p) for p in prompts) >= 2 and sum(len(p) for p in prompts) <= self.n_batch:
+            self._prompt_cache = (key, logits)
         return logits
 
     def decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
@@ -229,6 +242,10 @@ class Runner:
         Raises ValueError for a bad sequence id, RuntimeError when llama_decode fails.
         """
         self._check()
+        if self._prompt_cache is not None:
+            lens = [len(p) for p in self._prompt_cache[0][0]]
+            if any(seq >= len(lens) or pos < lens[seq] for _, pos, seq, _ in items):
+                self._prompt_cache = None  # overwrites a kept prompt (or another sequence): not kept
         rows = []
         for start in range(0, len(items), self.n_batch):
             rows.extend(self._decode_batch(items[start:start + self.n_batch]))
