@@ -167,6 +167,12 @@ def test_calibrating_an_unsupported_architecture_is_a_clear_error(smollm2_path, 
         Calibrator(p, progress=False, n_threads=N_THREADS)
 
 
+@pytest.mark.parametrize("rows", [0, -64, 1.5, True, "64"])
+def test_invalid_score_rows_are_rejected(smollm2_path, rows):
+    with pytest.raises(CalibrationError, match="score_rows"):
+        Calibrator(smollm2_path, score_rows=rows, progress=False, n_threads=N_THREADS)
+
+
 def test_corpus_too_small_is_a_clear_error(smollm2_path):
     with pytest.raises(CalibrationError, match="too small"):
         Calibrator(smollm2_path, corpus=["A few words only."], progress=False, n_threads=N_THREADS)
@@ -330,16 +336,18 @@ def test_calibrations_without_the_record_still_load(calibrated, tmp_path, capsys
     assert "fits this model            matches" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("layers,static", [([], False), ([5], False), ([5, 9], True)],
-                         ids=["dense", "fixed", "static"])
-def test_batched_removal_scores_like_one_token_decoding(smollm2_path, layers, static):
+@pytest.mark.parametrize("layers,static,rows", [([], False, 64), ([5], False, 64), ([5, 9], True, 64),
+                                                ([5], False, 7), ([5, 9], True, 512)],
+                         ids=["dense", "fixed", "static", "fixed-7-rows", "static-512-rows"])
+def test_batched_removal_scores_like_one_token_decoding(smollm2_path, layers, static, rows):
     """Calibrator.score_removed (the search's fixed and static trials, in
-    batches of positions) gives Evaluator.score's numbers under the fixed gate
-    or static removal, token for token in the same order (bit for bit on
-    SmolLM2 here; kernels of other quantizations may round batched ubatches
-    differently, hence the tolerance)."""
+    batches of ``rows`` positions, which may split a sequence) gives
+    Evaluator.score's numbers under the fixed gate or static removal, token
+    for token in the same order (bit for bit on SmolLM2 here; kernels of
+    other quantizations may round batched ubatches differently, hence the
+    tolerance)."""
     cal = Calibrator(smollm2_path, tokens=256, held_out_tokens=16, chunk=96, n_seq=3, progress=False,
-                     n_threads=N_THREADS)
+                     n_threads=N_THREADS, score_rows=rows)
     try:
         # two groups of sequences, the last chunk shorter than the others
         chunks = cal.search[:3] + [cal.search[3][:50]]

@@ -36,7 +36,7 @@ The rule (every number is a default of ``calibrate``):
    Trials where every decode token skips the same layers (this step, the
    ``fixed`` sets of step 4, ``static`` in step 5) are scored on the search
    split in batches of positions (``Calibrator.score_removed``: the same
-   computation, about 1.6x faster per token on the CPU) against a dense pass
+   computation, 1.05-1.6x faster per token on the CPU) against a dense pass
    scored the same way, because batched and one-token kernels can round
    differently (Q4_K: a few 0.001 nats per token on average). Every gated
    trial and every held-out number runs one token per decode, as in
@@ -245,7 +245,12 @@ class Calibrator:
         batched: score the fixed and static trials (every token skips the
             same layers) in batches of positions (``score_removed``) rather
             than one decode per position: same numbers up to rounding,
-            about 1.6x faster per token (docs/CALIBRATION.md, rule step 3).
+            1.05-1.6x faster per token, by machine (docs/CALIBRATION.md).
+        score_rows: positions per ``llama_decode`` in batched scoring. 64 is
+            the fastest of 16-512 measured on 2 cores (Qwen2.5-Coder-0.5B,
+            AMD EPYC, 2026-12-07: 5.85 ms per token vs 7.21 at 512, the
+            previous value; docs/CALIBRATION.md, "Time, session 11").
+            Results depend on it only through kernel rounding.
     Raises:
         ModelFileError: not a loadable GGUF; CalibrationError: architecture or
         backend without the gate, or a corpus too small for both splits.
@@ -254,11 +259,13 @@ class Calibrator:
     def __init__(self, path, *, corpus: list[str] | None = None, tokens: int = 3072, held_out_tokens: int = 2048,
                  sens_tokens: int = 32, chunk: int = 224, prefill: int = WARMUP, n_seq: int = 16, width: int = 2,
                  n_threads: int | None = None, progress: bool = True, probe: bool = True, probe_positions: int = 32,
-                 batched: bool = True):
+                 batched: bool = True, score_rows: int = 64):
         if tokens < 16 or held_out_tokens < 16:
             raise CalibrationError("tokens and held_out_tokens must be at least 16")
         if width < 1:
             raise CalibrationError("width must be >= 1")
+        if isinstance(score_rows, bool) or not isinstance(score_rows, int) or score_rows < 1:
+            raise CalibrationError(f"score_rows must be an integer >= 1, got {score_rows!r}")
         if prefill < WARMUP:
             raise CalibrationError(f"prefill ({prefill}) must cover the warm-up ({WARMUP} positions)")
         self.info = check_model_file(path)
@@ -267,6 +274,7 @@ class Calibrator:
         self.width = width
         self.probe, self.probe_positions, self.n_threads = probe, probe_positions, n_threads
         self.batched = batched
+        self.score_rows = int(score_rows)
         self.corpus = corpus if corpus is not None else default_calibration_corpus()
         self.ev = Evaluator(self.path, corpus=[], chunk=chunk, prefill=prefill, n_seq=n_seq,
                             n_threads=n_threads, progress=progress)
@@ -356,7 +364,7 @@ class Calibrator:
         (``prefill_too=False``: every decode token skips them, the prompt is
         dense) or under static removal (``prefill_too=True``), up to the
         rounding of batched against one-token kernels (tests/test_calibrate.py
-        bounds it); about 1.6x faster per token on the CPU, where the search
+        bounds it); 1.05-1.6x faster per token on the CPU, where the search
         spends most of its time (docs/CALIBRATION.md, "Time"). A token's
         prediction depends only on the positions before it, so the order of
         evaluation changes nothing else. An empty ``layers`` is dense.
@@ -390,9 +398,9 @@ class Calibrator:
             n_, t_ = self._nll_top(last, [c[P] for c in group])
             for s in range(len(group)):
                 nll[(P - 1, s)], top[(P - 1, s)] = n_[s], t_[s]
-            for a in range(0, len(items), r.n_batch):
-                part = items[a:a + r.n_batch]
-                rows = r.decode(part)  # float32 [n_batch, n_vocab]
+            for a in range(0, len(items), self.score_rows):
+                part = items[a:a + self.score_rows]
+                rows = r.decode(part)  # float32 [len(part), n_vocab]
                 for b in range(0, len(part), 64):  # float64 copies of 64 rows at a time
                     sub = part[b:b + 64]
                     n_, t_ = self._nll_top(rows[b:b + 64], [group[s][i + 1] for _, i, s, _ in sub])
@@ -544,9 +552,9 @@ class Calibrator:
         secs: dict[str, float] = {}
         self.trials: list[Trial] = []
         notes: list[str] = [
-            "search and single-layer splits: fixed and static trials scored in batches of positions against a "
-            "dense pass scored the same way (Calibrator.score_removed); gated trials and every held-out number "
-            "one token per decode" if self.batched else "every trial scored one token per decode"]
+            f"search and single-layer splits: fixed and static trials scored in batches of {self.score_rows} "
+            "positions against a dense pass scored the same way (Calibrator.score_removed); gated trials and every "
+            "held-out number one token per decode" if self.batched else "every trial scored one token per decode"]
 
         t0 = time.perf_counter()
         self._log(f"dense pass: {len(self.search)} search chunks, {len(self.held)} held-out chunks")
@@ -839,8 +847,10 @@ def format_summary(result: CalibrationResult) -> str:
 def calibrate(model, out, *, quality_budget: float | None = None, target_skip: float | None = None,
               corpus_files: list | None = None, tokens: int = 3072, held_out_tokens: int = 2048,
               report_dir=None, progress: bool = True, n_threads: int | None = None,
-              probe: bool = True) -> CalibrationResult:
+              probe: bool = True, score_rows: int = 64) -> CalibrationResult:
     """Calibrate ``model`` and write ``out`` (the CLI's ``calibrate``).
+
+    ``score_rows``: ``Calibrator``'s positions per decode in batched scoring.
 
     Raises CalibrationError, ModelFileError, ValueError (out == model), OSError.
     """
@@ -874,7 +884,7 @@ def calibrate(model, out, *, quality_budget: float | None = None, target_skip: f
                 raise CalibrationError(f"corpus file {p} does not exist or is not a file")
             corpus.append(p.read_text(encoding="utf-8", errors="replace"))
     cal = Calibrator(src, corpus=corpus, tokens=tokens, held_out_tokens=held_out_tokens, progress=progress,
-                     n_threads=n_threads, probe=probe)
+                     n_threads=n_threads, probe=probe, score_rows=score_rows)
     try:
         t0 = time.perf_counter()
         res = cal.run(quality_budget=quality_budget, target_skip=target_skip)
