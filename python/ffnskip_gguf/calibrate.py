@@ -36,7 +36,7 @@ The rule (every number is a default of ``calibrate``):
    Trials where every decode token skips the same layers (this step, the
    ``fixed`` sets of step 4, ``static`` in step 5) are scored on the search
    split in batches of positions (``Calibrator.score_removed``: the same
-   computation, 1.05-1.6x faster per token on the CPU) against a dense pass
+   computation, up to 1.6x faster per token on the CPU, by machine) against a dense pass
    scored the same way, because batched and one-token kernels can round
    differently (Q4_K: a few 0.001 nats per token on average). Every gated
    trial and every held-out number runs one token per decode, as in
@@ -245,12 +245,14 @@ class Calibrator:
         batched: score the fixed and static trials (every token skips the
             same layers) in batches of positions (``score_removed``) rather
             than one decode per position: same numbers up to rounding,
-            1.05-1.6x faster per token, by machine (docs/CALIBRATION.md).
-        score_rows: positions per ``llama_decode`` in batched scoring. 64 is
-            the fastest of 16-512 measured on 2 cores (Qwen2.5-Coder-0.5B,
-            AMD EPYC, 2026-12-07: 5.85 ms per token vs 7.21 at 512, the
-            previous value; docs/CALIBRATION.md, "Time, session 11").
-            Results depend on it only through kernel rounding.
+            up to 1.6x faster per token, by machine (docs/CALIBRATION.md).
+        score_rows: positions per ``llama_decode`` in batched scoring (at
+            most the context's n_batch, 512). On 2 cores (Qwen2.5-Coder-0.5B,
+            AMD EPYC, 2026-12-07) 64-128 rows were equally fast within noise
+            (5.68-5.85 ms per token) and 512, the previous value, slowest
+            (7.21 ms); 64 keeps the logits of a decode at 39 MB
+            (docs/CALIBRATION.md, "Time, session 11"). Results depend on it
+            only through kernel rounding.
     Raises:
         ModelFileError: not a loadable GGUF; CalibrationError: architecture or
         backend without the gate, or a corpus too small for both splits.
@@ -264,7 +266,7 @@ class Calibrator:
             raise CalibrationError("tokens and held_out_tokens must be at least 16")
         if width < 1:
             raise CalibrationError("width must be >= 1")
-        if isinstance(score_rows, bool) or not isinstance(score_rows, int) or score_rows < 1:
+        if not policy._is_int(score_rows) or score_rows < 1:
             raise CalibrationError(f"score_rows must be an integer >= 1, got {score_rows!r}")
         if prefill < WARMUP:
             raise CalibrationError(f"prefill ({prefill}) must cover the warm-up ({WARMUP} positions)")
@@ -274,11 +276,11 @@ class Calibrator:
         self.width = width
         self.probe, self.probe_positions, self.n_threads = probe, probe_positions, n_threads
         self.batched = batched
-        self.score_rows = int(score_rows)
         self.corpus = corpus if corpus is not None else default_calibration_corpus()
         self.ev = Evaluator(self.path, corpus=[], chunk=chunk, prefill=prefill, n_seq=n_seq,
                             n_threads=n_threads, progress=progress)
         self.r = self.ev.r
+        self.score_rows = min(int(score_rows), self.r.n_batch)  # Runner.decode splits at n_batch
         self.L = self.r.n_layer
         self.P = prefill
         # supported? (architecture with hooks, layers on a backend with the predicated path)
@@ -364,7 +366,7 @@ class Calibrator:
         (``prefill_too=False``: every decode token skips them, the prompt is
         dense) or under static removal (``prefill_too=True``), up to the
         rounding of batched against one-token kernels (tests/test_calibrate.py
-        bounds it); 1.05-1.6x faster per token on the CPU, where the search
+        bounds it); up to 1.6x faster per token on the CPU (by machine), where the search
         spends most of its time (docs/CALIBRATION.md, "Time"). A token's
         prediction depends only on the positions before it, so the order of
         evaluation changes nothing else. An empty ``layers`` is dense.
