@@ -200,10 +200,7 @@ def analyse(args):
     for k in args.perlayer_sizes:
         S = p_order[:k]
         for sname, M in rank_by.items():
-            mask = np.zeros((T, L), bool)
-            for j in S:
-                q = float(np.nanquantile(M[:, j], args.perlayer_f))
-                mask[:, j] = M[:, j] <= q
+            mask = headroom.perlayer_mask(M, S, args.perlayer_f)
             v = run(f"perlayer{S}@{args.perlayer_f}:{sname}", mask)
             per_layer.append({"layers": S, "f": args.perlayer_f, "signal": sname, "ratio": v["ratio"],
                               "inc": v["inc"], "additive": additive(mask)})

@@ -26,12 +26,12 @@ import numpy as np
 
 from ffnskip_gguf import headroom, metadata, models
 from ffnskip_gguf.headroom import _ranks, ridge_cv, spearman
+from headroom import _load  # scripts/headroom.py (this script's folder is on sys.path)
 
 
 def fit(out: Path) -> None:
-    def load(n):
-        z = np.load(out / f"cells-{n}.npz"); return z["K"], z["U"], z["D"]
-    K, U, D = load("eval"); Kc, Uc, Dc = load("calib")
+    D, K, _, _, U, _ = _load(out, "eval")
+    _, Kc, _, _, Uc, _ = _load(out, "calib")
     T, L = K.shape; mid = list(range(1, L))
     y = lambda k: np.log(np.maximum(k, 1e-9))
     res = {}; preds = {}
@@ -87,8 +87,7 @@ def validate(out: Path, model: str, sets_arg: str, names_arg: str) -> None:
     for S in sets:
         for n in names:
             P = K if n == "oracle_KL" else pz[n]
-            mask = np.zeros((T, L), bool)
-            for j in S: mask[:, j] = P[:, j] <= np.median(P[:, j])
+            mask = headroom.perlayer_mask(P, S, 0.5)
             v = run(f"{S} {n}", mask)
             print(S, n, f"skip {mask.sum() / (T * L):.3f} inc {math.expm1(v - d) * 100:+.2f}%", flush=True)
 

@@ -315,6 +315,17 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return r
 
 
+def perlayer_mask(M: np.ndarray, layers, f: float) -> np.ndarray:
+    """The gate's shape as a skip mask: each layer j of ``layers`` skips
+    the tokens whose score M[:, j] (predicted damage: lower skips first)
+    is at most its ``f`` quantile; M: float [T, L]. Returns bool [T, L]
+    (docs/QUALITY.md, "Inside the gate's shape")."""
+    mask = np.zeros(M.shape, bool)
+    for j in layers:
+        mask[:, j] = M[:, j] <= float(np.nanquantile(M[:, j], f))
+    return mask
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two 1-D arrays over their finite pairs
     (ties ranked in order of appearance: the data here are continuous)."""
