@@ -11,6 +11,11 @@
         run each layer set with half of each layer's tokens (lowest predicted
         damage) skipped, one token per decode, KV effects included
         (headroom.CellMeter.validate_mask); caches runs in OUT/sigval.json
+    python scripts/probe-variants.py layer-costs OUT MODEL [F]
+        the layer-choice rule with KV effects: each middle layer alone skips
+        the fraction F (default 0.5) of its tokens with the lowest KL, run on
+        the *calibration* text one token per decode (validated, not
+        additive); prints the layers cheapest first; caches OUT/layercost.json
 
 Variants: ``probe_u`` (ridge on u_j = h_j / |h_j| to log KL, as calibrate),
 the rank of KL as target, [u_j, u_{j-1}] (two dot products), u_j plus the
@@ -92,7 +97,30 @@ def validate(out: Path, model: str, sets_arg: str, names_arg: str) -> None:
             print(S, n, f"skip {mask.sum() / (T * L):.3f} inc {math.expm1(v - d) * 100:+.2f}%", flush=True)
 
 
+def layer_costs(out: Path, model: str, f: float = 0.5) -> None:
+    z = np.load(out / "cells-calib.npz"); Kc = z["K"]; chunks = [list(map(int, c)) for c in z["chunks"]]
+    T, L = Kc.shape
+    path = str(models.resolve_model(model)); arch = metadata.check_model_file(path).architecture
+    m = headroom.CellMeter(path, arch, n_seq=16, chunk=97)
+    cf = out / "layercost.json"; cache = json.loads(cf.read_text()) if cf.exists() else {}
+    def run(key, mask):
+        if key not in cache:
+            cache[key] = float(m.validate_mask(chunks, mask, progress=False).mean()); cf.write_text(json.dumps(cache, indent=1))
+        return cache[key]
+    d = run("dense", np.zeros((T, L), bool))
+    inc = {}
+    for j in range(1, L):
+        mask = headroom.perlayer_mask(Kc, [j], f)
+        inc[j] = math.expm1(run(f"[{j}] oracle_KL@{f}", mask) - d)
+        add = math.expm1(float(np.nansum(np.where(mask, z["D"], 0.0))) / T)
+        print(f"layer {j:2d}: validated {inc[j] * 100:+.2f}%   additive {add * 100:+.2f}%", flush=True)
+    print("cheapest first:", sorted(inc, key=inc.get))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "layer-costs":
+        layer_costs(Path(sys.argv[2]), sys.argv[3], *(float(x) for x in sys.argv[4:]))
+        sys.exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "fit":
         fit(Path(sys.argv[2]))
     elif len(sys.argv) == 6 and sys.argv[1] == "validate":
