@@ -14,8 +14,9 @@
     python scripts/probe-variants.py layer-costs OUT MODEL [F]
         the layer-choice rule with KV effects: each middle layer alone skips
         the fraction F (default 0.5) of its tokens with the lowest KL, run on
-        the *calibration* text one token per decode (validated, not
-        additive); prints the layers cheapest first; caches OUT/layercost.json
+        the *calibration* text one token per decode (KV effects included);
+        prints each layer's run cost next to its additive cost (sum of its
+        cells' D), then the layers ranked by run cost; caches OUT/layercost.json
 
 Variants: ``probe_u`` (ridge on u_j = h_j / |h_j| to log KL, as calibrate),
 the rank of KL as target, [u_j, u_{j-1}] (two dot products), u_j plus the
@@ -98,6 +99,8 @@ def validate(out: Path, model: str, sets_arg: str, names_arg: str) -> None:
 
 
 def layer_costs(out: Path, model: str, f: float = 0.5) -> None:
+    if not 0.0 < f <= 1.0:
+        sys.exit(f"layer-costs: F must be in (0, 1], got {f}")
     z = np.load(out / "cells-calib.npz"); Kc = z["K"]; chunks = [list(map(int, c)) for c in z["chunks"]]
     T, L = Kc.shape
     path = str(models.resolve_model(model)); arch = metadata.check_model_file(path).architecture
