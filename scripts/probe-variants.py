@@ -76,19 +76,27 @@ def fit(out: Path) -> None:
     json.dump(res, open(out / "sigexp.json", "w"), indent=1)
 
 
-def validate(out: Path, model: str, sets_arg: str, names_arg: str) -> None:
-    sets = [[int(x) for x in s.split(",")] for s in sets_arg.split(";")]
-    names = names_arg.split(";")
-    z = np.load(out / "cells-eval.npz"); K = z["K"]; chunks = [list(map(int, c)) for c in z["chunks"]]
-    pz = np.load(out / "sigexp-preds.npz")
-    T, L = K.shape
+def _validator(out: Path, model: str, text: str, cache_name: str):
+    """Cells of ``text`` ("eval" or "calib") and a cached validation run:
+    returns (npz, run) where run(key, mask) is the mean NLL of the masked
+    run over that text's chunks, one token per decode (cached in OUT/cache_name)."""
+    z = np.load(out / f"cells-{text}.npz"); chunks = [list(map(int, c)) for c in z["chunks"]]
     path = str(models.resolve_model(model)); arch = metadata.check_model_file(path).architecture
     m = headroom.CellMeter(path, arch, n_seq=16, chunk=97)
-    cf = out / "sigval.json"; cache = json.loads(cf.read_text()) if cf.exists() else {}
+    cf = out / cache_name; cache = json.loads(cf.read_text()) if cf.exists() else {}
     def run(key, mask):
         if key not in cache:
             cache[key] = float(m.validate_mask(chunks, mask, progress=False).mean()); cf.write_text(json.dumps(cache, indent=1))
         return cache[key]
+    return z, run
+
+
+def validate(out: Path, model: str, sets_arg: str, names_arg: str) -> None:
+    sets = [[int(x) for x in s.split(",")] for s in sets_arg.split(";")]
+    names = names_arg.split(";")
+    z, run = _validator(out, model, "eval", "sigval.json"); K = z["K"]
+    pz = np.load(out / "sigexp-preds.npz")
+    T, L = K.shape
     d = run("dense", np.zeros((T, L), bool))
     for S in sets:
         for n in names:
@@ -101,15 +109,8 @@ def validate(out: Path, model: str, sets_arg: str, names_arg: str) -> None:
 def layer_costs(out: Path, model: str, f: float = 0.5) -> None:
     if not 0.0 < f <= 1.0:
         sys.exit(f"layer-costs: F must be in (0, 1], got {f}")
-    z = np.load(out / "cells-calib.npz"); Kc = z["K"]; chunks = [list(map(int, c)) for c in z["chunks"]]
+    z, run = _validator(out, model, "calib", "layercost.json"); Kc = z["K"]
     T, L = Kc.shape
-    path = str(models.resolve_model(model)); arch = metadata.check_model_file(path).architecture
-    m = headroom.CellMeter(path, arch, n_seq=16, chunk=97)
-    cf = out / "layercost.json"; cache = json.loads(cf.read_text()) if cf.exists() else {}
-    def run(key, mask):
-        if key not in cache:
-            cache[key] = float(m.validate_mask(chunks, mask, progress=False).mean()); cf.write_text(json.dumps(cache, indent=1))
-        return cache[key]
     d = run("dense", np.zeros((T, L), bool))
     inc = {}
     for j in range(1, L):
